@@ -1,0 +1,26 @@
+//! meshlane's kernel programs, one module per attach point, all in one ELF so they share maps.
+//!
+//! - `sockops` (cgroup/sock_ops): puts established TCP sockets of enrolled network namespaces into
+//!   the SOCKHASH.
+//! - `sk_msg` (sk_msg on the SOCKHASH): hands each message to the peer socket when the peer is a
+//!   local, enrolled socket; everything else goes to the stack.
+//!
+//! These programs must never drop traffic: every error path passes to the stack and counts why.
+#![no_std]
+#![no_main]
+
+mod key;
+mod maps;
+mod sk_msg;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach here, so this is never executed.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,52 @@
+//! Every map of the dataplane. All are pinned by name under `<bpffs>/v<ABI>/maps/` by the agent,
+//! so they outlive agent restarts; their names and layouts come from `dataplane-common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, SockHash},
+};
+use dataplane_common::{
+    COUNTER_SLOTS, Config, ENDPOINTS_CAPACITY, Endpoint, NETNS_CAPACITY, NetnsInfo,
+    SOCK_STATS_CAPACITY, SOCKHASH_CAPACITY, SockKey, SockStats,
+};
+
+/// Established sockets of enrolled namespaces. Written by `sockops` (insert on establishment);
+/// the kernel removes a socket when it closes; the agent deletes a pod's sockets when the pod is
+/// removed. Read by `sk_msg` (redirect lookup).
+#[map(name = "ML_SOCKS")]
+pub static ML_SOCKS: SockHash<SockKey> = SockHash::pinned(SOCKHASH_CAPACITY, 0);
+
+/// Enrolled network namespaces. Written by the agent (pod add/del, self-test); read by both
+/// programs.
+#[map(name = "ML_NETNS")]
+pub static ML_NETNS: HashMap<u64, NetnsInfo> = HashMap::pinned(NETNS_CAPACITY, 0);
+
+/// Pod IPs on this node (IPv4-mapped IPv6) → their netns. Written by the agent; read by `sk_msg`
+/// to find the peer of a non-loopback connection.
+#[map(name = "ML_ENDPOINTS")]
+pub static ML_ENDPOINTS: HashMap<[u32; 4], Endpoint> = HashMap::pinned(ENDPOINTS_CAPACITY, 0);
+
+/// Per-socket byte counters. Created by `sockops` when the socket enters the SOCKHASH (a socket
+/// without an entry is never redirected), deleted by `sockops` when it closes, updated by
+/// `sk_msg` under the socket lock; read by the agent. A plain hash, not an LRU: the entry also
+/// carries the "already sent through the stack" fact that keeps bytes in order, and that must not
+/// be evicted.
+#[map(name = "ML_SOCK_STATS")]
+pub static ML_SOCK_STATS: HashMap<SockKey, SockStats> = HashMap::pinned(SOCK_STATS_CAPACITY, 0);
+
+/// Per-CPU counters indexed by `dataplane_common::Counter`. Written by both programs; summed by
+/// the agent.
+#[map(name = "ML_COUNTERS")]
+pub static ML_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+/// Runtime switches (index 0). Written by the agent; read by `sk_msg`.
+#[map(name = "ML_CONFIG")]
+pub static ML_CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[inline(always)]
+pub fn count(counter: dataplane_common::Counter, n: u64) {
+    if let Some(slot) = ML_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, and programs are not preempted on a CPU mid-run.
+        unsafe { *slot += n };
+    }
+}

@@ -1,0 +1,115 @@
+//! sk_msg on the SOCKHASH: redirects each message of an enrolled socket to its peer socket when
+//! the peer is local and enrolled; otherwise the message goes through the TCP/IP stack.
+//!
+//! This program must never return `SK_DROP`: a lookup that fails passes to the stack and counts
+//! its reason.
+
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
+    helpers::generated::bpf_get_netns_cookie,
+    macros::sk_msg,
+    programs::SkMsgContext,
+};
+use dataplane_common::{Counter, SockKey, SockStats, is_loopback, netns_flags};
+
+use crate::{
+    key::{RawTuple, read_ip6, sock_key, u32_field},
+    maps::{ML_CONFIG, ML_ENDPOINTS, ML_NETNS, ML_SOCK_STATS, ML_SOCKS, count},
+};
+
+#[sk_msg]
+pub fn ml_sk_msg(ctx: SkMsgContext) -> u32 {
+    let size = ctx.size() as u64;
+    let Some(key) = key_of(&ctx) else {
+        count(Counter::SockUnsupportedFamily, 1);
+        return SK_PASS;
+    };
+    let stats = ML_SOCK_STATS.get_ptr_mut(&key);
+    // SAFETY: the entry belongs to this socket and sk_msg runs under its socket lock.
+    let stats: Option<&mut SockStats> = stats.map(|p| unsafe { &mut *p });
+    match stats {
+        None => {
+            // Not inserted by us (or the entry is gone): never redirect such a socket.
+            count(Counter::PassPeerSocketMissing, 1);
+            count(Counter::BytesPassed, size);
+        }
+        Some(stats) => match try_redirect(&ctx, &key, stats) {
+            Ok(()) => {
+                stats.redirected_bytes += size;
+                stats.redirected_msgs += 1;
+                count(Counter::MsgRedirected, 1);
+                count(Counter::BytesRedirected, size);
+            }
+            Err(reason) => {
+                stats.stack_bytes += size;
+                stats.stack_msgs += 1;
+                count(reason, 1);
+                count(Counter::BytesPassed, size);
+            }
+        },
+    }
+    SK_PASS
+}
+
+fn key_of(ctx: &SkMsgContext) -> Option<SockKey> {
+    let md = ctx.msg;
+    // SAFETY: `md` is the live context; every field is read with a 4-byte load.
+    let t = unsafe {
+        RawTuple {
+            family: u32_field(&raw const (*md).family),
+            local_ip4: u32_field(&raw const (*md).local_ip4),
+            remote_ip4: u32_field(&raw const (*md).remote_ip4),
+            local_ip6: read_ip6(&raw const (*md).local_ip6),
+            remote_ip6: read_ip6(&raw const (*md).remote_ip6),
+            local_port: u32_field(&raw const (*md).local_port),
+            remote_port_be: u32_field(&raw const (*md).remote_port),
+        }
+    };
+    // SAFETY: bpf_get_netns_cookie is allowed for sk_msg since Linux 5.15.
+    let netns = unsafe { bpf_get_netns_cookie(md.cast()) };
+    sock_key(netns, &t)
+}
+
+fn try_redirect(ctx: &SkMsgContext, key: &SockKey, stats: &SockStats) -> Result<(), Counter> {
+    // Once a socket has sent through the stack it stays there: the receiver drains its redirect
+    // queue before its TCP receive queue (net/ipv4/tcp_bpf.c, tcp_bpf_recvmsg), so a redirected
+    // message could overtake bytes still queued by the stack. The usual case is a client that
+    // writes before the server's socket reached the SOCKHASH.
+    if stats.stack_msgs != 0 {
+        return Err(Counter::PassStickyStack);
+    }
+    // SAFETY: hash lookups; values are copied out at once.
+    let own = unsafe { ML_NETNS.get(&key.netns) }.copied();
+    let own_flags = match own {
+        Some(info) if info.flags & netns_flags::ACCELERATE != 0 => info.flags,
+        _ => return Err(Counter::PassSelfNotEnrolled),
+    };
+    let accelerate = ML_CONFIG.get(0).map(|c| c.accelerate != 0).unwrap_or(false);
+    if !accelerate && own_flags & netns_flags::SELFTEST == 0 {
+        return Err(Counter::PassAccelOff);
+    }
+
+    let peer_netns = if is_loopback(&key.remote_ip) {
+        key.netns
+    } else {
+        // SAFETY: as above.
+        let ep = unsafe { ML_ENDPOINTS.get(&key.remote_ip) }.copied();
+        let ep = ep.ok_or(Counter::PassPeerNotLocal)?;
+        if ep.flags & netns_flags::ACCELERATE == 0 {
+            return Err(Counter::PassPeerNotEnrolled);
+        }
+        // SAFETY: as above.
+        match unsafe { ML_NETNS.get(&ep.netns) }.copied() {
+            Some(info) if info.flags & netns_flags::ACCELERATE != 0 => {}
+            _ => return Err(Counter::PassPeerNotEnrolled),
+        }
+        ep.netns
+    };
+
+    let mut peer = key.peer(peer_netns);
+    if ML_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+        Ok(())
+    } else {
+        Err(Counter::PassPeerSocketMissing)
+    }
+}

@@ -1,0 +1,107 @@
+//! cgroup/sock_ops: enrolls established TCP sockets of enrolled network namespaces into the
+//! SOCKHASH, and forgets their statistics when they close.
+//!
+//! Attached to the agent's `--cgroup` (in tests, the lab's own subtree) in multi-attach mode, so
+//! it runs beside other programs there. It must never fail a socket operation: every outcome
+//! returns [`SOCKOPS_OK`].
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::generated::bpf_get_netns_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use dataplane_common::{Counter, SockKey, SockStats, netns_flags};
+
+use crate::{
+    key::{RawTuple, read_ip6, sock_key, u32_field},
+    maps::{ML_NETNS, ML_SOCK_STATS, ML_SOCKS, count},
+};
+
+/// The return value that tells the kernel the program ran fine; 0 would turn some operations
+/// into -EPERM for the socket.
+const SOCKOPS_OK: u32 = 1;
+const E2BIG: i32 = 7;
+
+#[sock_ops]
+pub fn ml_sockops(ctx: SockOpsContext) -> u32 {
+    match try_sockops(&ctx) {
+        Ok(()) => SOCKOPS_OK,
+        Err(reason) => {
+            count(reason, 1);
+            SOCKOPS_OK
+        }
+    }
+}
+
+fn try_sockops(ctx: &SockOpsContext) -> Result<(), Counter> {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            on_established(ctx)
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            if let Some(key) = key_of(ctx) {
+                // Missing entries are fine: the socket may never have been inserted.
+                let _absent_is_fine: Result<(), i32> = ML_SOCK_STATS.remove(&key);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn key_of(ctx: &SockOpsContext) -> Option<SockKey> {
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the live context; every field is read with a 4-byte load.
+    let t = unsafe {
+        RawTuple {
+            family: u32_field(&raw const (*ops).family),
+            local_ip4: u32_field(&raw const (*ops).local_ip4),
+            remote_ip4: u32_field(&raw const (*ops).remote_ip4),
+            local_ip6: read_ip6(&raw const (*ops).local_ip6),
+            remote_ip6: read_ip6(&raw const (*ops).remote_ip6),
+            local_port: u32_field(&raw const (*ops).local_port),
+            remote_port_be: u32_field(&raw const (*ops).remote_port),
+        }
+    };
+    // SAFETY: bpf_get_netns_cookie is allowed for sock_ops since Linux 5.15.
+    let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
+    sock_key(netns, &t)
+}
+
+fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
+    let mut key = key_of(ctx).ok_or(Counter::SockUnsupportedFamily)?;
+    // SAFETY: a hash lookup; the value is copied out at once.
+    let info = unsafe { ML_NETNS.get(&key.netns) }.copied();
+    match info {
+        Some(info) if info.flags & netns_flags::ACCELERATE != 0 => {}
+        _ => return Err(Counter::SockNotEnrolled),
+    }
+
+    // The statistics entry first: a socket without one is never redirected (see maps.rs), so
+    // inserting it before the SOCKHASH entry leaves no window where that rule is broken.
+    ML_SOCK_STATS
+        .insert(&key, &SockStats::default(), BPF_ANY as u64)
+        .map_err(|_| Counter::StatsInsertError)?;
+
+    // SAFETY: `ops` is the live sock_ops context of an established TCP socket.
+    let ops = unsafe { &mut *ctx.ops };
+    if let Err(err) = ML_SOCKS.update(&mut key, ops, BPF_ANY as u64) {
+        let _absent_is_fine: Result<(), i32> = ML_SOCK_STATS.remove(&key);
+        return Err(if err == -E2BIG {
+            Counter::SockMapFull
+        } else {
+            Counter::SockInsertError
+        });
+    }
+    count(Counter::SockInserted, 1);
+
+    // Ask for state callbacks so the statistics entry goes away with the socket. If this fails
+    // the entry stays until the same tuple is established again, which resets it.
+    let _stats_kept_until_reuse: Result<(), i32> =
+        ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    Ok(())
+}

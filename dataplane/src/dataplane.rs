@@ -1,0 +1,447 @@
+//! The loaded dataplane: the kernel programs, their pinned maps and links, and typed access to
+//! the maps for the rest of the agent.
+//!
+//! Pins live under `<bpffs>/v<ABI_VERSION>/{maps,links}`. A pinned map is reused only when its
+//! type, key size, value size and capacity match what this build expects (aya itself reuses a pin
+//! without looking). Links are pinned so that neither SIGTERM nor SIGKILL of the agent detaches
+//! anything; a restarted agent swaps its fresh programs into the pinned links atomically.
+
+use std::{
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuArray, SockHash},
+    programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink},
+};
+use dataplane_common::{
+    ABI_VERSION, COUNTER_SLOTS, Config, Counter, ENDPOINTS_CAPACITY, Endpoint, NETNS_CAPACITY,
+    NetnsInfo, SockKey, SockStats, map_names, program_names,
+};
+use serde::Serialize;
+
+use crate::{EBPF_ELF, Error, Result, bpf_sys};
+
+/// Where the dataplane lives and how big it is.
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// The bpffs directory given with `--bpffs`; pins go under `v<ABI_VERSION>/` inside it.
+    pub bpffs: PathBuf,
+    /// The cgroup v2 directory the sockops program attaches to.
+    pub cgroup: PathBuf,
+    /// Capacity of the SOCKHASH and of the per-socket statistics.
+    pub sockhash_capacity: u32,
+}
+
+/// One expected map layout.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    name: &'static str,
+    ty: MapType,
+    key: u32,
+    value: u32,
+    max_entries: u32,
+}
+
+impl Layout {
+    fn describe(ty: MapType, key: u32, value: u32, max: u32) -> String {
+        format!("{ty:?} key {key} B, value {value} B, {max} entries")
+    }
+}
+
+fn layouts(sockhash_capacity: u32) -> [Layout; 6] {
+    use std::mem::size_of;
+    [
+        Layout {
+            name: map_names::SOCKHASH,
+            ty: MapType::SockHash,
+            key: size_of::<SockKey>() as u32,
+            value: 4,
+            max_entries: sockhash_capacity,
+        },
+        Layout {
+            name: map_names::NETNS,
+            ty: MapType::Hash,
+            key: 8,
+            value: size_of::<NetnsInfo>() as u32,
+            max_entries: NETNS_CAPACITY,
+        },
+        Layout {
+            name: map_names::ENDPOINTS,
+            ty: MapType::Hash,
+            key: 16,
+            value: size_of::<Endpoint>() as u32,
+            max_entries: ENDPOINTS_CAPACITY,
+        },
+        Layout {
+            name: map_names::SOCK_STATS,
+            ty: MapType::Hash,
+            key: size_of::<SockKey>() as u32,
+            value: size_of::<SockStats>() as u32,
+            max_entries: sockhash_capacity,
+        },
+        Layout {
+            name: map_names::COUNTERS,
+            ty: MapType::PerCpuArray,
+            key: 4,
+            value: 8,
+            max_entries: COUNTER_SLOTS,
+        },
+        Layout {
+            name: map_names::CONFIG,
+            ty: MapType::Array,
+            key: 4,
+            value: size_of::<Config>() as u32,
+            max_entries: 1,
+        },
+    ]
+}
+
+/// Paths of everything the agent pins.
+#[derive(Clone, Debug)]
+pub struct PinPaths {
+    pub root: PathBuf,
+    pub maps: PathBuf,
+    pub links: PathBuf,
+}
+
+impl PinPaths {
+    pub fn new(bpffs: &Path) -> Self {
+        let root = bpffs.join(format!("v{ABI_VERSION}"));
+        PinPaths {
+            maps: root.join("maps"),
+            links: root.join("links"),
+            root,
+        }
+    }
+    pub fn sockops_link(&self) -> PathBuf {
+        self.links.join(program_names::SOCKOPS)
+    }
+}
+
+/// A program as `meshlane status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttachedProgram {
+    pub name: String,
+    pub id: u32,
+    pub attach: String,
+    pub pinned_link: Option<PathBuf>,
+}
+
+pub struct Dataplane {
+    // Holds the program fds; dropping it would detach the sk_msg program (see `attach_sk_msg`).
+    _ebpf: Ebpf,
+    pub pins: PinPaths,
+    pub options: DataplaneOptions,
+    netns: HashMap<MapData, u64, NetnsInfo>,
+    endpoints: HashMap<MapData, [u32; 4], Endpoint>,
+    stats: HashMap<MapData, SockKey, SockStats>,
+    counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, Config>,
+    socks: SockHash<MapData, SockKey>,
+    pub programs: Vec<AttachedProgram>,
+    /// Whether maps from an earlier agent were found and reused.
+    pub reused_pins: bool,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("pins", &self.pins)
+            .field("programs", &self.programs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks every existing pin against the layout this build expects. Returns whether any pin
+/// exists.
+fn check_pins(pins: &PinPaths, sockhash_capacity: u32) -> Result<bool> {
+    let mut any = false;
+    for l in layouts(sockhash_capacity) {
+        let path = pins.maps.join(l.name);
+        if !path.exists() {
+            continue;
+        }
+        any = true;
+        let info = MapInfo::from_pin(&path).map_err(|source| Error::Map {
+            name: l.name,
+            source,
+        })?;
+        let ty = info.map_type().map_err(|source| Error::Map {
+            name: l.name,
+            source,
+        })?;
+        let found = (ty, info.key_size(), info.value_size(), info.max_entries());
+        if found != (l.ty, l.key, l.value, l.max_entries) {
+            return Err(Error::PinMismatch {
+                path,
+                expected: Layout::describe(l.ty, l.key, l.value, l.max_entries),
+                found: Layout::describe(found.0, found.1, found.2, found.3),
+            });
+        }
+    }
+    Ok(any)
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| Error::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+impl Dataplane {
+    /// Loads the programs, reusing matching pins, and attaches them. Redirect stays as the
+    /// CONFIG map says (off on a fresh install); the caller switches it after the self-test.
+    pub fn load(options: DataplaneOptions) -> Result<Self> {
+        let pins = PinPaths::new(&options.bpffs);
+        for dir in [&pins.maps, &pins.links] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io("creating the pin directory", dir, e))?;
+        }
+        let reused_pins = check_pins(&pins, options.sockhash_capacity)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pins.maps)
+            .map_max_entries(map_names::SOCKHASH, options.sockhash_capacity)
+            .map_max_entries(map_names::SOCK_STATS, options.sockhash_capacity)
+            .load(EBPF_ELF)?;
+
+        let mut programs = Vec::new();
+        programs.push(attach_sockops(&mut ebpf, &pins, &options.cgroup)?);
+
+        let netns = take(&mut ebpf, map_names::NETNS)?;
+        let endpoints = take(&mut ebpf, map_names::ENDPOINTS)?;
+        let stats = take(&mut ebpf, map_names::SOCK_STATS)?;
+        let counters = take(&mut ebpf, map_names::COUNTERS)?;
+        let config = take(&mut ebpf, map_names::CONFIG)?;
+        let socks: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::SOCKHASH)?;
+        programs.push(attach_sk_msg(&mut ebpf, &socks)?);
+
+        Ok(Dataplane {
+            _ebpf: ebpf,
+            pins,
+            options,
+            netns,
+            endpoints,
+            stats,
+            counters,
+            config,
+            socks,
+            programs,
+            reused_pins,
+        })
+    }
+
+    pub fn accelerate(&self) -> Result<bool> {
+        let c = self.config.get(&0, 0).map_err(|source| Error::Map {
+            name: map_names::CONFIG,
+            source,
+        })?;
+        Ok(c.accelerate != 0)
+    }
+
+    pub fn set_accelerate(&mut self, on: bool) -> Result<()> {
+        let c = Config {
+            accelerate: on as u32,
+            _reserved: 0,
+        };
+        self.config.set(0, c, 0).map_err(|source| Error::Map {
+            name: map_names::CONFIG,
+            source,
+        })
+    }
+
+    pub fn netns_entries(&self) -> Vec<(u64, NetnsInfo)> {
+        self.netns.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn endpoint_entries(&self) -> Vec<([u32; 4], Endpoint)> {
+        self.endpoints.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn put_netns(&mut self, cookie: u64, info: NetnsInfo) -> Result<()> {
+        self.netns
+            .insert(cookie, info, 0)
+            .map_err(|source| Error::Map {
+                name: map_names::NETNS,
+                source,
+            })
+    }
+
+    pub fn del_netns(&mut self, cookie: u64) -> Result<()> {
+        match self.netns.remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map {
+                name: map_names::NETNS,
+                source,
+            }),
+        }
+    }
+
+    pub fn put_endpoint(&mut self, ip: [u32; 4], ep: Endpoint) -> Result<()> {
+        self.endpoints
+            .insert(ip, ep, 0)
+            .map_err(|source| Error::Map {
+                name: map_names::ENDPOINTS,
+                source,
+            })
+    }
+
+    pub fn del_endpoint(&mut self, ip: [u32; 4]) -> Result<()> {
+        match self.endpoints.remove(&ip) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map {
+                name: map_names::ENDPOINTS,
+                source,
+            }),
+        }
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let mut out = Vec::with_capacity(Counter::ALL.len());
+        for &c in Counter::ALL {
+            let v = self
+                .counters
+                .get(&(c as u32), 0)
+                .map_err(|source| Error::Map {
+                    name: map_names::COUNTERS,
+                    source,
+                })?;
+            out.push((c, v.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    pub fn counter(&self, which: Counter) -> Result<u64> {
+        Ok(self
+            .counters()?
+            .into_iter()
+            .find(|(c, _)| *c == which)
+            .map(|(_, v)| v)
+            .unwrap_or(0))
+    }
+
+    /// Per-socket statistics of every socket in the fast path.
+    pub fn sock_stats(&self) -> Vec<(SockKey, SockStats)> {
+        self.stats.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Number of sockets currently in the SOCKHASH.
+    pub fn sockhash_len(&self) -> usize {
+        self.socks.keys().filter(|k| k.is_ok()).count()
+    }
+}
+
+/// Attaches (or, after a restart, swaps into the pinned link) the sockops program.
+fn attach_sockops(ebpf: &mut Ebpf, pins: &PinPaths, cgroup: &Path) -> Result<AttachedProgram> {
+    let name = program_names::SOCKOPS;
+    let prog: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Invalid(format!("the ELF has no program {name}")))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })?;
+    prog.load().map_err(|source| Error::Program { name, source })?;
+    let id = prog
+        .info()
+        .map_err(|source| Error::Program { name, source })?
+        .id();
+    let link_path = pins.sockops_link();
+    let attach = format!("cgroup_sock_ops {} (multi)", cgroup.display());
+    if link_path.exists() {
+        // A previous agent left its link: replace its program in one step, so sockets being
+        // established right now are handled by one program or the other, never by neither.
+        let link = bpf_sys::obj_get(&link_path)
+            .map_err(|e| Error::io("opening the pinned link", &link_path, e))?;
+        let prog_fd = prog.fd().map_err(|source| Error::Program { name, source })?;
+        bpf_sys::link_update(link.as_fd(), prog_fd.as_fd())
+            .map_err(|e| Error::io("BPF_LINK_UPDATE", &link_path, e))?;
+        tracing::info!(link = %link_path.display(), "reused the pinned sockops link");
+    } else {
+        let cg = File::open(cgroup).map_err(|e| Error::io("opening the cgroup", cgroup, e))?;
+        let link_id = prog
+            .attach(&cg, CgroupAttachMode::AllowMultiple)
+            .map_err(|source| Error::Program { name, source })?;
+        let link = prog
+            .take_link(link_id)
+            .map_err(|source| Error::Program { name, source })?;
+        let link: FdLink = link.try_into().map_err(|source| Error::Link {
+            path: link_path.clone(),
+            source,
+        })?;
+        link.pin(&link_path).map_err(|source| Error::Pin {
+            path: link_path.clone(),
+            source,
+        })?;
+        tracing::info!(cgroup = %cgroup.display(), "attached sockops");
+    }
+    Ok(AttachedProgram {
+        name: name.into(),
+        id,
+        attach,
+        pinned_link: Some(link_path),
+    })
+}
+
+/// Attaches sk_msg to the SOCKHASH. This is a map attachment, not a link: the map keeps the
+/// program for as long as the map lives (it is pinned), so a killed agent leaves it in place. A
+/// new attach simply replaces the program for sockets inserted from then on.
+fn attach_sk_msg(ebpf: &mut Ebpf, socks: &SockHash<MapData, SockKey>) -> Result<AttachedProgram> {
+    let name = program_names::SK_MSG;
+    let prog: &mut SkMsg = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Invalid(format!("the ELF has no program {name}")))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })?;
+    prog.load().map_err(|source| Error::Program { name, source })?;
+    let id = prog
+        .info()
+        .map_err(|source| Error::Program { name, source })?
+        .id();
+    let link_id = prog
+        .attach(socks.fd())
+        .map_err(|source| Error::Program { name, source })?;
+    // aya detaches on drop; we must not, or stopping the agent would stop the fast path for new
+    // sockets. Forgetting the handle leaves the attachment owned by the pinned map; `uninstall`
+    // removes the map and with it the attachment.
+    let link = prog
+        .take_link(link_id)
+        .map_err(|source| Error::Program { name, source })?;
+    std::mem::forget(link);
+    Ok(AttachedProgram {
+        name: name.into(),
+        id,
+        attach: format!("sk_msg_verdict on {}", map_names::SOCKHASH),
+        pinned_link: None,
+    })
+}
+
+/// Removes everything pinned under `bpffs`: links first (which detaches sockops), then maps.
+/// Sockets still in the SOCKHASH leave it when the map is freed; data they had been handed but
+/// had not read yet is dropped by the kernel with the map, so callers switch redirect off and
+/// wait before calling this.
+pub fn unpin_all(bpffs: &Path) -> Result<Vec<PathBuf>> {
+    let pins = PinPaths::new(bpffs);
+    let mut removed = Vec::new();
+    for dir in [&pins.links, &pins.maps] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(|e| Error::io("unpinning", &p, e))?;
+            removed.push(p);
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    let _ = std::fs::remove_dir(&pins.root);
+    Ok(removed)
+}
