@@ -355,7 +355,7 @@ fn attach_sockops(ebpf: &mut Ebpf, pins: &PinPaths, cgroup: &Path) -> Result<Att
         .map_err(|source| Error::Program { name, source })?
         .id();
     let link_path = pins.sockops_link();
-    let attach = format!("cgroup_sock_ops {} (multi)", cgroup.display());
+    let attach = format!("cgroup_sock_ops {} (bpf_link)", cgroup.display());
     if link_path.exists() {
         // A previous agent left its link: replace its program in one step, so sockets being
         // established right now are handled by one program or the other, never by neither.
@@ -368,7 +368,10 @@ fn attach_sockops(ebpf: &mut Ebpf, pins: &PinPaths, cgroup: &Path) -> Result<Att
     } else {
         let cg = File::open(cgroup).map_err(|e| Error::io("opening the cgroup", cgroup, e))?;
         let link_id = prog
-            .attach(&cg, CgroupAttachMode::AllowMultiple)
+            // A cgroup bpf_link always coexists with other programs on the cgroup (links are
+            // multi-attach by nature) and the kernel refuses BPF_F_ALLOW_MULTI in
+            // link_create.flags, so the mode here must be the flag-less one.
+            .attach(&cg, CgroupAttachMode::Single)
             .map_err(|source| Error::Program { name, source })?;
         let link = prog
             .take_link(link_id)

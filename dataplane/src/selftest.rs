@@ -195,8 +195,13 @@ fn child(cgroup: &Path) -> std::io::Result<Vec<Check>> {
     let mut client = TcpStream::connect(addr)?;
     let (mut server, _) = listener.accept()?;
     // Both sockets are established and in the SOCKHASH once accept() returns.
-    let mut checks = Vec::new();
+    socket_checks(&mut client, &mut server)
+}
 
+/// The checks themselves, on a connected pair: byte-exact transfer client → server, FIONREAD on
+/// the server, epoll wakeup of the server. Public so the lab tests can run them on pod sockets.
+pub fn socket_checks(client: &mut TcpStream, server: &mut TcpStream) -> std::io::Result<Vec<Check>> {
+    let mut checks = Vec::new();
     // 1. Byte-exact transfer.
     let reader = {
         let mut s = server.try_clone()?;
@@ -222,7 +227,7 @@ fn child(cgroup: &Path) -> std::io::Result<Vec<Check>> {
     let deadline = Instant::now() + Duration::from_millis(500);
     let mut queued = 0;
     while Instant::now() < deadline {
-        queued = fionread(&server)?;
+        queued = fionread(server)?;
         if queued >= FIONREAD_BYTES {
             break;
         }
@@ -238,7 +243,7 @@ fn child(cgroup: &Path) -> std::io::Result<Vec<Check>> {
     server.read_exact(&mut sink)?;
 
     // 3. epoll wakes the reader within 100 ms of the write.
-    let waited = epoll_wait_after_write(&server, &mut client)?;
+    let waited = epoll_wait_after_write(server, client)?;
     checks.push(Check {
         name: "epoll_wakeup".into(),
         ok: waited.is_some_and(|d| d < Duration::from_millis(100)),

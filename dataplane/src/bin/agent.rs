@@ -45,7 +45,15 @@ struct Args {
     no_selftest: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // Display only: our errors already carry their cause in the message.
+        eprintln!("meshlane-agent: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     // The self-test re-executes this binary; that child must not parse agent flags.
     let mut argv = std::env::args_os();
     if argv.nth(1).is_some_and(|a| a == selftest::CHILD_ARG) {

@@ -73,7 +73,7 @@ enum PodCmd {
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("meshlane: {e:#}");
+        eprintln!("meshlane: {e}");
         std::process::exit(1);
     }
 }

@@ -1,0 +1,390 @@
+//! `ml-probe`: byte-exact TCP transfers for the lab tests, with the send paths applications use
+//! (write, writev, sendfile, splice, MSG_MORE), shutdown(SHUT_WR) and duplex streams.
+//!
+//! ```text
+//! ml-probe serve --listen 10.77.0.11:7000 [--conns N] [--duplex D] [--tag T]
+//! ml-probe checks --listen ADDR --server-netns PATH   (FIONREAD, epoll, poll across two netns)
+//! ml-probe send --to 10.77.0.11:7000 --bytes N [--method M] [--conns C] [--duplex D]
+//!               [--bind ADDR] [--expect-tag T] [--chunk K] [--pace-ms MS]
+//! ```
+//! Both print one JSON line at the end; `send` exits non-zero unless every connection was exact.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use meshlane_lab::probe::{Verdict, fill, first_mismatch};
+use serde_json::json;
+
+fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn num(args: &[String], name: &str, default: u64) -> Result<u64> {
+    arg(args, name).map_or(Ok(default), |v| {
+        v.parse().with_context(|| format!("{name} {v}"))
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args),
+        Some("send") => send(&args),
+        Some("checks") => checks(&args),
+        _ => Err(anyhow::anyhow!("usage: ml-probe serve|send ...")),
+    };
+    if let Err(e) = r {
+        eprintln!("ml-probe: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn serve(args: &[String]) -> Result<()> {
+    let listen: SocketAddr = arg(args, "--listen").context("--listen")?.parse()?;
+    let conns = num(args, "--conns", 1)?;
+    let duplex = num(args, "--duplex", 0)?;
+    let tag = arg(args, "--tag").unwrap_or("").to_string();
+    let l = TcpListener::bind(listen)?;
+    println!("listening {}", l.local_addr()?);
+    std::io::stdout().flush()?;
+    let mut handles = Vec::new();
+    for _ in 0..conns {
+        let (s, _) = l.accept()?;
+        let tag = tag.clone();
+        handles.push(std::thread::spawn(move || serve_one(s, duplex, &tag)));
+    }
+    let (mut bytes, mut bad, mut errors) = (0u64, 0u64, Vec::new());
+    for h in handles {
+        match h.join().map_err(|_| anyhow::anyhow!("panic"))? {
+            Ok(v) => {
+                bytes += v.bytes;
+                bad += (!v.pattern_ok) as u64;
+            }
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    println!(
+        "{}",
+        json!({"role":"server","conns":conns,"bytes":bytes,"bad":bad,"errors":errors})
+    );
+    Ok(())
+}
+
+fn serve_one(mut s: TcpStream, duplex: u64, tag: &str) -> Result<Verdict> {
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let writer = if duplex > 0 {
+        let mut w = s.try_clone()?;
+        Some(std::thread::spawn(move || write_pattern(&mut w, duplex, 64 << 10, 0)))
+    } else {
+        None
+    };
+    let mut buf = vec![0u8; 256 << 10];
+    let (mut off, mut ok) = (0u64, true);
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if ok && first_mismatch(&buf[..n], off).is_some() {
+            ok = false;
+        }
+        off += n as u64;
+    }
+    if let Some(w) = writer {
+        w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    }
+    let v = Verdict {
+        bytes: off,
+        pattern_ok: ok,
+        tag: tag.into(),
+    };
+    s.write_all(v.line().as_bytes())?;
+    s.shutdown(Shutdown::Write)?;
+    Ok(v)
+}
+
+fn write_pattern(s: &mut TcpStream, n: u64, chunk: usize, pace_ms: u64) -> Result<()> {
+    let mut buf = vec![0u8; chunk];
+    let mut off = 0u64;
+    while off < n {
+        let k = chunk.min((n - off) as usize);
+        fill(&mut buf[..k], off);
+        s.write_all(&buf[..k])?;
+        off += k as u64;
+        if pace_ms > 0 {
+            std::thread::sleep(Duration::from_millis(pace_ms));
+        }
+    }
+    Ok(())
+}
+
+fn send(args: &[String]) -> Result<()> {
+    let to: SocketAddr = arg(args, "--to").context("--to")?.parse()?;
+    let bytes = num(args, "--bytes", 1 << 20)?;
+    let conns = num(args, "--conns", 1)?;
+    let duplex = num(args, "--duplex", 0)?;
+    let chunk = num(args, "--chunk", 64 << 10)? as usize;
+    let pace = num(args, "--pace-ms", 0)?;
+    let method = arg(args, "--method").unwrap_or("write").to_string();
+    let bind: Option<SocketAddr> = arg(args, "--bind").map(str::parse).transpose()?;
+    let expect_tag = arg(args, "--expect-tag").map(str::to_string);
+    let parallel = args.iter().any(|a| a == "--parallel");
+
+    let run_one = {
+        let method = method.clone();
+        move |i: u64| -> Result<()> {
+            let mut s = connect(to, bind)?;
+            s.set_read_timeout(Some(Duration::from_secs(120)))?;
+            let reader = {
+                let mut r = s.try_clone()?;
+                std::thread::spawn(move || read_reply(&mut r, duplex))
+            };
+            match method.as_str() {
+                "write" => write_pattern(&mut s, bytes, chunk, pace)?,
+                "writev" => send_writev(&s, bytes)?,
+                "sendfile" => send_file(&s, bytes, false)?,
+                "splice" => send_file(&s, bytes, true)?,
+                "msg_more" => send_msg_more(&s, bytes)?,
+                m => bail!("unknown --method {m}"),
+            }
+            s.shutdown(Shutdown::Write)?;
+            let v = reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+            if v.bytes != bytes || !v.pattern_ok {
+                bail!(
+                    "conn {i}: the server read {} of {bytes} bytes, pattern intact: {}",
+                    v.bytes,
+                    v.pattern_ok
+                );
+            }
+            if let Some(t) = &expect_tag
+                && *t != v.tag
+            {
+                bail!("conn {i}: answered by {:?}, expected {t:?}", v.tag);
+            }
+            Ok(())
+        }
+    };
+    let results: Vec<Result<()>> = if parallel {
+        let hs: Vec<_> = (0..conns)
+            .map(|i| {
+                let f = run_one.clone();
+                std::thread::spawn(move || f(i))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("panic"))))
+            .collect()
+    } else {
+        (0..conns).map(&run_one).collect()
+    };
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    println!(
+        "{}",
+        json!({"role":"client","method":method,"conns":conns,"bytes_each":bytes,
+               "ok":conns as usize - failed.len(),"failed":failed})
+    );
+    if !failed.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn connect(to: SocketAddr, bind: Option<SocketAddr>) -> Result<TcpStream> {
+    let Some(b) = bind else {
+        return Ok(TcpStream::connect_timeout(&to, Duration::from_secs(10))?);
+    };
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind as nbind, connect as nconnect,
+        setsockopt, socket, sockopt,
+    };
+    let fam = if to.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(fam, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    nbind(fd.as_raw_fd(), &SockaddrStorage::from(b))?;
+    nconnect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
+    Ok(TcpStream::from(fd))
+}
+
+fn read_reply(r: &mut TcpStream, duplex: u64) -> Result<Verdict> {
+    let mut off = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
+    while off < duplex {
+        let k = buf.len().min((duplex - off) as usize);
+        let n = r.read(&mut buf[..k])?;
+        if n == 0 {
+            bail!("duplex stream ended after {off} of {duplex} bytes");
+        }
+        if let Some(at) = first_mismatch(&buf[..n], off) {
+            bail!("duplex stream corrupt at byte {at}");
+        }
+        off += n as u64;
+    }
+    let mut rest = String::new();
+    r.read_to_string(&mut rest)?;
+    Verdict::parse(&rest).with_context(|| format!("server reply {rest:?}"))
+}
+
+fn send_writev(s: &TcpStream, n: u64) -> Result<()> {
+    // Three iovecs of uneven sizes per call, so message boundaries fall at odd places.
+    let mut data = vec![0u8; n as usize];
+    fill(&mut data, 0);
+    let mut off = 0usize;
+    while off < data.len() {
+        let rest = &data[off..];
+        let a = rest.len().min(1000);
+        let b = (rest.len() - a).min(7);
+        let c = (rest.len() - a - b).min(60_000);
+        let iov = [
+            std::io::IoSlice::new(&rest[..a]),
+            std::io::IoSlice::new(&rest[a..a + b]),
+            std::io::IoSlice::new(&rest[a + b..a + b + c]),
+        ];
+        let w = nix::sys::uio::writev(s, &iov)?;
+        off += w;
+    }
+    Ok(())
+}
+
+fn send_msg_more(s: &TcpStream, n: u64) -> Result<()> {
+    let mut data = vec![0u8; n as usize];
+    fill(&mut data, 0);
+    let mut off = 0usize;
+    let mut i = 0usize;
+    while off < data.len() {
+        let k = (data.len() - off).min(100 + (i % 7) * 300);
+        // Every third piece flushes; the other two are corked with MSG_MORE.
+        let flags = if i % 3 == 2 || off + k == data.len() {
+            0
+        } else {
+            libc::MSG_MORE
+        };
+        // SAFETY: send(2) from a live buffer of k bytes.
+        let w = unsafe { libc::send(s.as_raw_fd(), data[off..].as_ptr().cast(), k, flags) };
+        if w < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        off += w as usize;
+        i += 1;
+    }
+    Ok(())
+}
+
+/// A memfd holding the pattern, sent with sendfile(2) or spliced through a pipe.
+fn send_file(s: &TcpStream, n: u64, via_splice: bool) -> Result<()> {
+    // SAFETY: memfd_create with a static name; the fd is owned at once.
+    let raw = unsafe { libc::memfd_create(c"ml-probe".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: fresh fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut f = std::fs::File::from(fd);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < n {
+        let k = buf.len().min((n - off) as usize);
+        fill(&mut buf[..k], off);
+        f.write_all(&buf[..k])?;
+        off += k as u64;
+    }
+    let mut pos: libc::off_t = 0;
+    if !via_splice {
+        while (pos as u64) < n {
+            let left = (n - pos as u64).min(1 << 30) as usize;
+            // SAFETY: valid fds; pos is updated by the kernel.
+            let w = unsafe { libc::sendfile(s.as_raw_fd(), f.as_raw_fd(), &mut pos, left) };
+            if w < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            if w == 0 {
+                bail!("sendfile wrote 0 bytes at {pos}");
+            }
+        }
+        return Ok(());
+    }
+    let (pr, pw) = nix::unistd::pipe()?;
+    let mut sent = 0u64;
+    while sent < n {
+        let left = (n - pos as u64).min(1 << 16) as usize;
+        let mut filled = 0usize;
+        if left > 0 {
+            // SAFETY: splice between our own fds; pos is updated by the kernel.
+            let r = unsafe {
+                libc::splice(f.as_raw_fd(), &mut pos, pw.as_raw_fd(), std::ptr::null_mut(), left, 0)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            filled = r as usize;
+        }
+        while filled > 0 {
+            // SAFETY: as above.
+            let w = unsafe {
+                libc::splice(pr.as_raw_fd(), std::ptr::null_mut(), s.as_raw_fd(), std::ptr::null_mut(), filled, 0)
+            };
+            if w < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            filled -= w as usize;
+            sent += w as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the agent's socket checks (byte-exact, FIONREAD, epoll) plus a poll(2) wakeup check on a
+/// connection whose server end lives in another network namespace (another pod): a thread of
+/// this process enters that namespace to listen.
+fn checks(args: &[String]) -> Result<()> {
+    let listen: SocketAddr = arg(args, "--listen").context("--listen")?.parse()?;
+    let netns = arg(args, "--server-netns").context("--server-netns")?.to_string();
+    let listener = std::thread::spawn(move || -> Result<TcpListener> {
+        let f = std::fs::File::open(&netns)?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(TcpListener::bind(listen)?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("listener thread panicked"))??;
+    let mut client = TcpStream::connect(listener.local_addr()?)?;
+    let (mut server, _) = listener.accept()?;
+    let mut checks = meshlane::selftest::socket_checks(&mut client, &mut server)?;
+
+    // poll(2): the server must become readable within 100 ms of a write.
+    let mut w = client.try_clone()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<std::time::Instant> {
+        std::thread::sleep(Duration::from_millis(20));
+        let t = std::time::Instant::now();
+        w.write_all(b"p")?;
+        Ok(t)
+    });
+    let mut fds = [libc::pollfd { fd: server.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) };
+    let woke = std::time::Instant::now();
+    let t = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let waited = woke.saturating_duration_since(t);
+    checks.push(meshlane::selftest::Check {
+        name: "poll_wakeup".into(),
+        ok: n == 1 && waited < Duration::from_millis(100),
+        detail: format!("poll returned {n} after {} µs", waited.as_micros()),
+    });
+    println!("{}", serde_json::to_string(&checks)?);
+    Ok(())
+}

@@ -1,0 +1,618 @@
+//! Privileged end-to-end tests of the same-node fast path, each in a lab of its own: real kernel
+//! programs, a real agent attached to the lab's cgroup, real processes in pod namespaces.
+//!
+//! Run as root: `cargo test -p meshlane-lab -- --test-threads=1` (after `cargo build --bins`).
+
+use std::{
+    net::SocketAddr,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use meshlane::api::Request;
+use meshlane_lab::{Lab, Pod, bin, spawn_piped, wait_for_line};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn probe() -> std::path::PathBuf {
+    bin("ml-probe").expect("ml-probe is built")
+}
+
+/// A lab with `names` pods and a running agent; pods enrolled if `enroll`.
+fn lab(names: &[&str], enroll: bool, agent_args: &[&str]) -> Result<Lab> {
+    let mut lab = Lab::new()?;
+    for n in names {
+        lab.add_pod(n)?;
+    }
+    lab.start_agent(agent_args)?;
+    let st = lab.call(&Request::Status)?;
+    if st["selftest"]["passed"] != true {
+        bail!("the agent's self-test failed on this kernel: {st:#}");
+    }
+    if enroll {
+        for p in lab.pods.clone() {
+            lab.enroll(&p)?;
+        }
+    }
+    Ok(lab)
+}
+
+/// A running `ml-probe serve` in a pod (or in the host netns when `pod` is None).
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn serve(lab: &Lab, pod: Option<&Pod>, listen: &str, extra: &[&str]) -> Result<Server> {
+    let mut cmd = match pod {
+        Some(p) => lab.cmd(p, probe())?,
+        None => lab.host_cmd(probe())?,
+    };
+    cmd.args(["serve", "--listen", listen]).args(extra);
+    let mut child = spawn_piped(&mut cmd)?;
+    let (line, lines) = wait_for_line(&mut child, Duration::from_secs(10), |l| {
+        l.starts_with("listening ")
+    })?;
+    let addr = line["listening ".len()..].parse()?;
+    Ok(Server { child, addr, lines })
+}
+
+impl Server {
+    /// Waits for the server to finish and returns its summary.
+    fn finish(mut self, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                let mut stderr = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read as _;
+                    e.read_to_string(&mut stderr)?;
+                }
+                let lines: Vec<String> = std::iter::from_fn(|| {
+                    self.lines.recv_timeout(Duration::from_secs(2)).ok()
+                })
+                .collect();
+                let last = lines.last().map(String::as_str).unwrap_or("");
+                if !st.success() {
+                    bail!("server failed ({st}): {last} {stderr}");
+                }
+                return serde_json::from_str(last)
+                    .with_context(|| format!("server output {lines:?} {stderr}"));
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("server still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `ml-probe send` in a pod and returns its summary; fails if any connection was not exact.
+fn send(lab: &Lab, pod: Option<&Pod>, to: SocketAddr, args: &[&str]) -> Result<Value> {
+    let mut cmd = match pod {
+        Some(p) => lab.cmd(p, probe())?,
+        None => lab.host_cmd(probe())?,
+    };
+    let out = cmd.args(["send", "--to", &to.to_string()]).args(args).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "send to {to} {args:?} failed: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_str(stdout.lines().last().unwrap_or(""))?)
+}
+
+fn addr(ip: impl Into<std::net::IpAddr>, port: u16) -> String {
+    SocketAddr::new(ip.into(), port).to_string()
+}
+
+#[test]
+fn byte_exact_transfers_every_send_path() -> Result<()> {
+    let lab = lab(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let methods = ["write", "writev", "sendfile", "splice", "msg_more"];
+    let sizes = [1, 1000, 65_537, 4 * MIB + 1, 64 * MIB];
+    let paths: [(&str, &Pod, String); 4] = [
+        ("pod-to-pod IPv4", &b, addr(b.ip, 7001)),
+        ("pod-to-pod IPv6", &b, addr(b.ip6, 7002)),
+        ("loopback IPv4", &a, "127.0.0.1:7003".into()),
+        ("loopback IPv6", &a, "[::1]:7004".into()),
+    ];
+    let redirected_before = lab.counter("bytes_redirected")?;
+    let mut total = 0u64;
+    for (what, server_pod, listen) in &paths {
+        let n = methods.len() * sizes.len();
+        let srv = serve(&lab, Some(server_pod), listen, &["--conns", &n.to_string()])?;
+        for m in methods {
+            for s in sizes {
+                send(&lab, Some(&a), srv.addr, &["--method", m, "--bytes", &s.to_string()])
+                    .with_context(|| format!("{what}: {m} of {s} bytes"))?;
+                total += s;
+            }
+        }
+        let summary = srv.finish(Duration::from_secs(60))?;
+        assert_eq!(summary["bad"], 0, "{what}: server saw corrupt streams: {summary}");
+        assert_eq!(summary["errors"].as_array().map(Vec::len), Some(0), "{what}: {summary}");
+    }
+    let redirected = lab.counter("bytes_redirected")? - redirected_before;
+    assert!(
+        redirected >= total,
+        "only {redirected} of {total} bytes went through the fast path"
+    );
+
+    // Concurrent streams in both directions: 8 connections, 8 MiB each way, pod-to-pod and
+    // within one pod.
+    for (what, server_pod, listen) in [("pod-to-pod", &b, addr(b.ip, 7005)), ("loopback", &a, "127.0.0.1:7006".into())] {
+        let srv = serve(&lab, Some(server_pod), &listen, &["--conns", "8", "--duplex", &(8 * MIB).to_string()])?;
+        send(
+            &lab,
+            Some(&a),
+            srv.addr,
+            &["--conns", "8", "--parallel", "--duplex", &(8 * MIB).to_string(), "--bytes", &(8 * MIB).to_string()],
+        )
+        .with_context(|| format!("duplex {what}"))?;
+        let summary = srv.finish(Duration::from_secs(60))?;
+        assert_eq!(summary["bad"], 0, "duplex {what}: {summary}");
+    }
+    Ok(())
+}
+
+fn tx_bytes(ns: &str, dev: &str) -> u64 {
+    Lab::link_bytes(ns, dev).expect("link counters").1
+}
+
+#[test]
+fn accelerated_transfers_bypass_veth_and_lo() -> Result<()> {
+    let lab = lab(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let size = 64 * MIB;
+
+    // Measures a 64 MiB transfer a → b and a → a (loopback) by the interface counters the kernel
+    // keeps: a's eth0, the bridge-side veth of a, and a's lo.
+    let measure = |port: u16| -> Result<(u64, u64, u64)> {
+        let srv = serve(&lab, Some(&b), &addr(b.ip, port), &[])?;
+        let (eth, veth) = (tx_bytes(&a.netns, "eth0"), Lab::link_bytes(&lab.node_ns, &a.host_veth)?.0);
+        send(&lab, Some(&a), srv.addr, &["--bytes", &size.to_string()])?;
+        srv.finish(Duration::from_secs(60))?;
+        let d_eth = tx_bytes(&a.netns, "eth0") - eth;
+        let d_veth = Lab::link_bytes(&lab.node_ns, &a.host_veth)?.0 - veth;
+        let lsrv = serve(&lab, Some(&a), &format!("127.0.0.1:{}", port + 1), &[])?;
+        let lo = tx_bytes(&a.netns, "lo");
+        send(&lab, Some(&a), lsrv.addr, &["--bytes", &size.to_string()])?;
+        lsrv.finish(Duration::from_secs(60))?;
+        let d_lo = tx_bytes(&a.netns, "lo") - lo;
+        Ok((d_eth, d_veth, d_lo))
+    };
+
+    let (eth, veth, lo) = measure(7100)?;
+    for (what, d) in [("pod eth0", eth), ("bridge veth", veth), ("lo", lo)] {
+        assert!(
+            d < 2 * MIB,
+            "accelerated: {what} carried {d} bytes of a {size}-byte transfer (expected only handshakes)"
+        );
+    }
+
+    for p in [&a, &b] {
+        lab.unenroll(p)?;
+    }
+    let (eth, veth, lo) = measure(7200)?;
+    for (what, d) in [("pod eth0", eth), ("bridge veth", veth), ("lo", lo)] {
+        assert!(
+            d >= size,
+            "not enrolled: {what} carried only {d} bytes of a {size}-byte transfer"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn fionread_epoll_poll_and_nginx_under_wrk() -> Result<()> {
+    let lab = lab(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+
+    // FIONREAD, epoll and poll on an accelerated pod-to-pod connection and on loopback.
+    for (what, listen, ns) in [
+        ("pod-to-pod", addr(b.ip, 7300), &b.netns_path),
+        ("loopback", "127.0.0.1:7301".to_string(), &a.netns_path),
+    ] {
+        let before = lab.counter("bytes_redirected")?;
+        let out = lab
+            .cmd(&a, probe())?
+            .args(["checks", "--listen", &listen, "--server-netns"])
+            .arg(ns)
+            .output()?;
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        let checks: Value = serde_json::from_slice(&out.stdout)?;
+        for c in checks.as_array().context("checks")? {
+            assert_eq!(c["ok"], true, "{what}: check {} failed: {}", c["name"], c["detail"]);
+        }
+        assert!(
+            lab.counter("bytes_redirected")? - before >= 4 * MIB,
+            "{what}: the checks' traffic was not redirected"
+        );
+    }
+
+    // nginx in b, wrk in a, through the fast path.
+    let www = lab.dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("1k"), vec![b'x'; 1024])?;
+    std::fs::write(www.join("256k"), vec![b'y'; 256 * 1024])?;
+    let conf = lab.dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root; worker_processes 1; daemon off; pid {dir}/nginx.pid; error_log stderr warn;
+events {{ worker_connections 1024; }}
+http {{ access_log off; client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt;
+  fastcgi_temp_path {dir}/ft; uwsgi_temp_path {dir}/ut; scgi_temp_path {dir}/st;
+  server {{ listen {ip}:8080; root {www}; }} }}
+",
+            dir = lab.dir.display(),
+            ip = b.ip,
+            www = www.display()
+        ),
+    )?;
+    let mut nginx = lab.cmd(&b, "nginx")?;
+    nginx.args(["-p"]).arg(&lab.dir).arg("-c").arg(&conf);
+    let mut nginx = spawn_piped(&mut nginx)?;
+    let url = format!("http://{}:8080", b.ip);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = lab
+            .cmd(&a, "curl")?
+            .args(["-sf", "-o", "/dev/null", &format!("{url}/1k")])
+            .status()?
+            .success();
+        if ok {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = nginx.kill();
+            bail!("nginx did not answer within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let result = (|| -> Result<()> {
+        for path in ["1k", "256k"] {
+            let before = lab.counter("bytes_redirected")?;
+            let out = lab
+                .cmd(&a, "wrk")?
+                .args(["-t2", "-c32", "-d4s", "--latency", "--timeout", "2s", &format!("{url}/{path}")])
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "wrk failed: {text}");
+            let w = parse_wrk(&text).with_context(|| format!("wrk output: {text}"))?;
+            assert!(w.requests > 100, "{path}: only {} requests: {text}", w.requests);
+            assert_eq!(w.errors, 0, "{path}: wrk saw errors: {text}");
+            assert!(
+                w.max_latency < Duration::from_secs(1),
+                "{path}: a request took {:?}: {text}",
+                w.max_latency
+            );
+            let redirected = lab.counter("bytes_redirected")? - before;
+            assert!(
+                redirected >= w.requests * 1024,
+                "{path}: only {redirected} bytes redirected for {} requests",
+                w.requests
+            );
+        }
+        Ok(())
+    })();
+    let _ = nginx.kill();
+    let _ = nginx.wait();
+    result
+}
+
+struct Wrk {
+    requests: u64,
+    errors: u64,
+    max_latency: Duration,
+}
+
+fn parse_duration(s: &str) -> Option<Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let v: f64 = num.parse().ok()?;
+    Some(Duration::from_secs_f64(match unit {
+        "us" => v / 1e6,
+        "ms" => v / 1e3,
+        "s" => v,
+        "m" => v * 60.0,
+        _ => return None,
+    }))
+}
+
+fn parse_wrk(text: &str) -> Option<Wrk> {
+    let mut requests = None;
+    let mut errors = 0u64;
+    let mut max_latency = None;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("Latency") && max_latency.is_none() {
+            // "Latency   1.2ms  300us  12.3ms  90%"
+            max_latency = parse_duration(t.split_whitespace().nth(3)?);
+        } else if t.contains("requests in") {
+            requests = t.split_whitespace().next()?.parse().ok();
+        } else if let Some(rest) = t.strip_prefix("Socket errors:") {
+            errors += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if let Some(rest) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<u64>().ok()?;
+        }
+    }
+    Some(Wrk {
+        requests: requests?,
+        errors,
+        max_latency: max_latency?,
+    })
+}
+
+#[test]
+fn identical_loopback_tuples_in_two_pods_never_meet() -> Result<()> {
+    let mut lab = lab(&["a", "b"], true, &[])?;
+    let c = lab.add_pod("c")?; // never enrolled
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+
+    // Both pods: server on 127.0.0.1:15001, client bound to 127.0.0.1:40000 — the same 4-tuple
+    // in two namespaces, alive at the same time, streaming.
+    let before = lab.counter("msg_redirected")?;
+    let sa = serve(&lab, Some(&a), "127.0.0.1:15001", &["--tag", "a"])?;
+    let sb = serve(&lab, Some(&b), "127.0.0.1:15001", &["--tag", "b"])?;
+    let args = |tag: &'static str| {
+        vec!["--bind", "127.0.0.1:40000", "--expect-tag", tag, "--bytes", "8388608", "--chunk", "16384", "--pace-ms", "1"]
+    };
+    let (ra, rb) = std::thread::scope(|s| {
+        let ha = s.spawn(|| send(&lab, Some(&a), sa.addr, &args("a")));
+        let hb = s.spawn(|| send(&lab, Some(&b), sb.addr, &args("b")));
+        (ha.join().expect("a"), hb.join().expect("b"))
+    });
+    ra.context("pod a")?;
+    rb.context("pod b")?;
+    for (p, s) in [("a", sa), ("b", sb)] {
+        let v = s.finish(Duration::from_secs(30))?;
+        assert_eq!(v["bytes"], 8 * MIB, "pod {p}'s server got {v}");
+        assert_eq!(v["bad"], 0, "pod {p}'s server saw foreign bytes: {v}");
+    }
+    assert!(
+        lab.counter("msg_redirected")? > before,
+        "the two loopback streams were not accelerated at all"
+    );
+
+    // An un-enrolled pod and the host namespace: sockets are seen by sockops (they are in the
+    // lab cgroup) but never inserted, never redirected.
+    for (what, pod, listen) in [("un-enrolled pod", Some(&c), "127.0.0.1:7400"), ("host netns", None, "127.0.0.1:0")] {
+        let (msgs, seen) = (lab.counter("msg_redirected")?, lab.counter("sock_not_enrolled")?);
+        let srv = serve(&lab, pod, listen, &[])?;
+        send(&lab, pod, srv.addr, &["--bytes", &(4 * MIB).to_string()])?;
+        srv.finish(Duration::from_secs(30))?;
+        assert_eq!(lab.counter("msg_redirected")?, msgs, "{what}: messages were redirected");
+        assert!(
+            lab.counter("sock_not_enrolled")? >= seen + 2,
+            "{what}: sockops did not see the sockets (is the process in the lab cgroup?)"
+        );
+    }
+
+    // And the host namespace cannot be enrolled.
+    let err = lab
+        .call(&Request::PodAdd {
+            netns: "/proc/1/ns/net".into(),
+            ips: vec!["10.77.0.99".parse()?],
+            name: None,
+        })
+        .expect_err("enrolling the host netns must fail");
+    assert!(err.to_string().contains("host"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn agent_restart_keeps_connections_and_acceleration() -> Result<()> {
+    let mut lab = lab(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let bytes = 2 * MIB;
+
+    for how in ["SIGKILL", "SIGTERM"] {
+        // 200 connections streaming 2 MiB each in 16 KiB chunks every 20 ms (~2.6 s each).
+        let srv = serve(&lab, Some(&b), &addr(b.ip, 7500), &["--conns", "200"])?;
+        let mut client = lab.cmd(&a, probe())?;
+        client.args(["send", "--to", &srv.addr.to_string(), "--conns", "200", "--parallel"]);
+        client.args(["--bytes", &bytes.to_string(), "--chunk", "16384", "--pace-ms", "20"]);
+        let client = spawn_piped(&mut client)?;
+        std::thread::sleep(Duration::from_millis(800));
+        let sockets = lab.call(&Request::Status)?["sockhash_sockets"].as_u64().unwrap_or(0);
+        assert!(sockets >= 400, "{how}: only {sockets} sockets accelerated before the restart");
+        if how == "SIGKILL" {
+            lab.kill_agent()?;
+        } else {
+            lab.stop_agent()?;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        lab.restart_agent(&[])?;
+        let during = lab.counter("bytes_redirected")?;
+
+        let out = client.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{how}: connections broke across the restart: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary = srv.finish(Duration::from_secs(60))?;
+        assert_eq!(summary["bytes"], 200 * bytes, "{how}: {summary}");
+        assert_eq!(summary["bad"], 0, "{how}: {summary}");
+        assert_eq!(summary["errors"].as_array().map(Vec::len), Some(0), "{how}: {summary}");
+        assert!(
+            lab.counter("bytes_redirected")? > during,
+            "{how}: existing connections were de-accelerated by the restart"
+        );
+
+        // New connections after the restart are accelerated.
+        let before = lab.counter("bytes_redirected")?;
+        let s2 = serve(&lab, Some(&b), &addr(b.ip, 7501), &[])?;
+        send(&lab, Some(&a), s2.addr, &["--bytes", &(8 * MIB).to_string()])?;
+        s2.finish(Duration::from_secs(30))?;
+        assert!(
+            lab.counter("bytes_redirected")? - before >= 8 * MIB,
+            "{how}: a new connection after the restart was not accelerated"
+        );
+        // One sockops program on the lab cgroup, not one per agent start.
+        let progs = lab.bpftool_cgroup()?;
+        assert_eq!(progs.matches("sock_ops").count(), 1, "{how}: bpftool shows {progs}");
+    }
+    Ok(())
+}
+
+#[test]
+fn full_sockhash_falls_back_to_the_stack() -> Result<()> {
+    let lab = lab(&["a", "b"], true, &["--sockhash-capacity", "8"])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let full_before = lab.counter("sock_map_full")?;
+    let srv = serve(&lab, Some(&b), &addr(b.ip, 7600), &["--conns", "20"])?;
+    send(
+        &lab,
+        Some(&a),
+        srv.addr,
+        &["--conns", "20", "--parallel", "--bytes", &MIB.to_string(), "--chunk", "16384", "--pace-ms", "5"],
+    )?;
+    let summary = srv.finish(Duration::from_secs(60))?;
+    assert_eq!(summary["bad"], 0, "{summary}");
+    assert_eq!(summary["bytes"], 20 * MIB, "{summary}");
+    let full = lab.counter("sock_map_full")? - full_before;
+    assert!(full > 0, "40 sockets into an 8-entry SOCKHASH and no sock_map_full was counted");
+    Ok(())
+}
+
+#[test]
+fn kill_switch_turns_redirect_off_and_on() -> Result<()> {
+    let lab = lab(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let out = lab.cli(&["accel", "off"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (redirected, off) = (lab.counter("bytes_redirected")?, lab.counter("pass_accel_off")?);
+    let srv = serve(&lab, Some(&b), &addr(b.ip, 7700), &["--conns", "2"])?;
+    send(&lab, Some(&a), srv.addr, &["--bytes", &(4 * MIB).to_string()])?;
+    assert_eq!(lab.counter("bytes_redirected")?, redirected, "redirected while switched off");
+    assert!(lab.counter("pass_accel_off")? > off, "pass_accel_off was not counted");
+    let out = lab.cli(&["accel", "on"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    send(&lab, Some(&a), srv.addr, &["--bytes", &(4 * MIB).to_string()])?;
+    assert!(lab.counter("bytes_redirected")? - redirected >= 4 * MIB, "not redirected after accel on");
+    srv.finish(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// Entries of a pinned map, as bpftool sees them.
+fn map_entries(lab: &Lab, name: &str) -> Result<usize> {
+    let path = lab.agent().bpffs.join("v1/maps").join(name);
+    let out = meshlane_lab::run(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path))?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array().map_or(0, Vec::len))
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() -> Result<()> {
+    let mut lab = lab(&["a"], false, &[])?;
+    let b = lab.add_pod("b")?;
+    let a = lab.pod("a").clone();
+    lab.enroll(&a)?;
+    let snapshot = |lab: &Lab| -> Result<(Value, usize, usize)> {
+        Ok((
+            lab.call(&Request::PodList)?,
+            map_entries(lab, "ML_NETNS")?,
+            map_entries(lab, "ML_ENDPOINTS")?,
+        ))
+    };
+    let before = snapshot(&lab)?;
+    assert_eq!(before.1, 1, "one enrolled netns expected");
+    assert_eq!(before.2, 2, "pod a's IPv4 and IPv6 endpoints expected");
+
+    let netns_b = b.netns_path.display().to_string();
+    let cases: Vec<(String, &str)> = vec![
+        ("this is not json".into(), "malformed request"),
+        (r#"{"op":"pod_launch"}"#.into(), "unknown variant"),
+        (r#"{"op":"pod_add","netns":"/run/netns/does-not-exist","ips":["10.77.0.50"]}"#.into(), "does-not-exist"),
+        (r#"{"op":"pod_add","netns":"relative/path","ips":["10.77.0.50"]}"#.into(), "absolute"),
+        (r#"{"op":"pod_add","netns":"/etc/hostname","ips":["10.77.0.50"]}"#.into(), "not a namespace"),
+        (r#"{"op":"pod_add","netns":"/proc/1/ns/net","ips":["10.77.0.50"]}"#.into(), "host"),
+        (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":[]}}"#), "at least one"),
+        (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["127.0.0.1"]}}"#), "not a unicast"),
+        (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["10.77.0.50"],"name":"Bad Name"}}"#), "NAMESPACE/NAME"),
+        (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["{}"]}}"#, a.ip), "already belongs"),
+        (format!(r#"{{"op":"pod_add","netns":"{}","ips":["10.77.0.51"]}}"#, a.netns_path.display()), "already enrolled"),
+        (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["10.77.0.50"],"name":"lab/a"}}"#), "already enrolled"),
+        (r#"{"op":"pod_del","name":"lab/nobody"}"#.into(), "no enrolled pod"),
+        (r#"{"op":"pod_del","netns":"/run/netns/x","name":"lab/a"}"#.into(), "exactly one"),
+        (r#"{"op":"pod_del"}"#.into(), "exactly one"),
+    ];
+    for (line, want) in &cases {
+        let resp = lab.client()?.call_raw(line)?;
+        assert!(!resp.ok, "{line} was accepted");
+        let err = resp.error.unwrap_or_default();
+        assert!(err.contains(want), "{line}: error {err:?} does not mention {want:?}");
+        assert_eq!(snapshot(&lab)?, before, "{line} changed the state");
+    }
+    // A line past the size limit is refused without being parsed.
+    let huge = format!(r#"{{"op":"status","pad":"{}"}}"#, "x".repeat(100_000));
+    let resp = lab.client()?.call_raw(&huge)?;
+    assert!(!resp.ok && resp.error.unwrap_or_default().contains("limit"));
+    assert_eq!(snapshot(&lab)?, before);
+
+    // The CLI reports the agent's error and exits non-zero.
+    let out = lab.cli(&["pod", "add", "--netns", "/run/netns/nope", "--ip", "10.77.0.60"])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/run/netns/nope"), "CLI said: {err}");
+    assert_eq!(snapshot(&lab)?, before);
+    Ok(())
+}
+
+#[test]
+fn uninstall_detaches_and_unpins_everything() -> Result<()> {
+    let lab = lab(&["a"], true, &[])?;
+    assert!(lab.bpftool_cgroup()?.contains("sock_ops"));
+    let bpffs = lab.agent().bpffs.clone();
+    let out = lab.cli(&["uninstall"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The agent exits by itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = lab.agent_log();
+    while lab.client().is_ok() {
+        assert!(Instant::now() < deadline, "the agent kept running after uninstall: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!lab.bpftool_cgroup()?.contains("sock_ops"), "sockops still attached");
+    // The bpffs root keeps the kernel's own preloaded iterators (maps.debug, progs.debug);
+    // everything meshlane pinned lives under v1/.
+    let left: Vec<_> = walk(&bpffs.join("v1"));
+    assert!(left.is_empty(), "pins left behind: {left:?}");
+    assert!(!bpffs.join("v1").exists(), "the versioned pin directory is still there");
+    Ok(())
+}
+
+fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
