@@ -78,8 +78,7 @@ pub const fn ipv4_mapped(ip4_be: u32) -> [u32; 4] {
     [0, 0, u32::from_be(0x0000_ffff), ip4_be]
 }
 
-/// Normalises an IPv6 address: IPv4-mapped stays as is, so a dual-stack socket talking to
-/// `::ffff:10.0.0.2` and an IPv4 socket talking to `10.0.0.2` produce the same key.
+/// Whether a key address (IPv4-mapped or IPv6) is loopback: 127.0.0.0/8 or ::1.
 #[inline(always)]
 pub const fn is_loopback(ip: &[u32; 4]) -> bool {
     let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0x0000_ffff);
@@ -194,8 +193,19 @@ counters! {
     PassStickyStack = 12, "pass_sticky_stack";
     /// Bytes passed to the stack by sockets in the SOCKHASH, for any reason above.
     BytesPassed = 13, "bytes_passed";
-    /// Per-socket statistics could not be recorded (LRU insert failed).
+    /// Per-socket statistics could not be recorded (the statistics map is full).
     StatsInsertError = 14, "stats_insert_error";
+    /// Established sockets not inserted because acceleration is off (kill switch, self-test).
+    SockAccelOff = 15, "sock_accel_off";
+    /// Established sockets not inserted: the peer is not on this node (or not enrolled), so the
+    /// connection could never be redirected and is left to the plain TCP stack.
+    SockPeerNotLocal = 16, "sock_peer_not_local";
+    /// Accepted sockets not inserted because their client is not in the SOCKHASH.
+    SockPeerNotInMap = 17, "sock_peer_not_in_map";
+    /// Accepted sockets not inserted because their client already sent through the stack.
+    SockPeerOnStack = 18, "sock_peer_on_stack";
+    /// Clients taken back out of the SOCKHASH because their accepted peer could not join it.
+    SockPeerEvicted = 19, "sock_peer_evicted";
 }
 
 /// Size of the counter array; a new reason needs a new index below it.

@@ -50,3 +50,47 @@ pub fn count(counter: dataplane_common::Counter, n: u64) {
         unsafe { *slot += n };
     }
 }
+
+/// The network namespace of a socket's peer, if the peer can be redirected to: loopback peers
+/// live in the same netns; a pod IP resolves through `ML_ENDPOINTS` to an enrolled netns.
+#[inline(always)]
+pub fn peer_netns(key: &dataplane_common::SockKey) -> Result<u64, dataplane_common::Counter> {
+    use dataplane_common::{Counter, is_loopback, netns_flags::ACCELERATE};
+    if is_loopback(&key.remote_ip) {
+        return Ok(key.netns);
+    }
+    // SAFETY: hash lookups; values are copied out at once.
+    let ep = unsafe { ML_ENDPOINTS.get(&key.remote_ip) }.copied();
+    let ep = ep.ok_or(Counter::PassPeerNotLocal)?;
+    if ep.flags & ACCELERATE == 0 {
+        return Err(Counter::PassPeerNotEnrolled);
+    }
+    // SAFETY: as above.
+    match unsafe { ML_NETNS.get(&ep.netns) }.copied() {
+        Some(info) if info.flags & ACCELERATE != 0 => Ok(ep.netns),
+        _ => Err(Counter::PassPeerNotEnrolled),
+    }
+}
+
+/// Whether redirect is allowed for a netns with these flags right now.
+#[inline(always)]
+pub fn accel_allowed(netns_flags: u32) -> bool {
+    let on = ML_CONFIG.get(0).map(|c| c.accelerate != 0).unwrap_or(false);
+    on || netns_flags & dataplane_common::netns_flags::SELFTEST != 0
+}
+
+/// Removes a socket from the SOCKHASH (and its statistics). Only used on a client whose accepted
+/// peer never joined the map: nothing was ever redirected into it, so its redirect queue is empty
+/// and no data can be lost; it goes back to the plain TCP code.
+#[inline(always)]
+pub fn evict(key: &dataplane_common::SockKey) {
+    // SAFETY: map_delete_elem on our SOCKHASH (allowed for sockops since Linux 4.18) with a key
+    // of the map's key type; SockHash is a transparent wrapper of the map definition.
+    let _absent_is_fine = unsafe {
+        aya_ebpf::helpers::generated::bpf_map_delete_elem(
+            core::ptr::addr_of!(ML_SOCKS) as *mut core::ffi::c_void,
+            core::ptr::from_ref(key).cast(),
+        )
+    };
+    let _absent_is_fine: Result<(), i32> = ML_SOCK_STATS.remove(key);
+}

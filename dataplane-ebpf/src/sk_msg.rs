@@ -10,11 +10,11 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use dataplane_common::{Counter, SockKey, SockStats, is_loopback, netns_flags};
+use dataplane_common::{Counter, SockKey, SockStats, netns_flags};
 
 use crate::{
     key::{RawTuple, read_ip6, sock_key, u32_field},
-    maps::{ML_CONFIG, ML_ENDPOINTS, ML_NETNS, ML_SOCK_STATS, ML_SOCKS, count},
+    maps::{ML_NETNS, ML_SOCK_STATS, ML_SOCKS, accel_allowed, count, peer_netns},
 };
 
 #[sk_msg]
@@ -78,33 +78,16 @@ fn try_redirect(ctx: &SkMsgContext, key: &SockKey, stats: &SockStats) -> Result<
     if stats.stack_msgs != 0 {
         return Err(Counter::PassStickyStack);
     }
-    // SAFETY: hash lookups; values are copied out at once.
+    // SAFETY: a hash lookup; the value is copied out at once.
     let own = unsafe { ML_NETNS.get(&key.netns) }.copied();
     let own_flags = match own {
         Some(info) if info.flags & netns_flags::ACCELERATE != 0 => info.flags,
         _ => return Err(Counter::PassSelfNotEnrolled),
     };
-    let accelerate = ML_CONFIG.get(0).map(|c| c.accelerate != 0).unwrap_or(false);
-    if !accelerate && own_flags & netns_flags::SELFTEST == 0 {
+    if !accel_allowed(own_flags) {
         return Err(Counter::PassAccelOff);
     }
-
-    let peer_netns = if is_loopback(&key.remote_ip) {
-        key.netns
-    } else {
-        // SAFETY: as above.
-        let ep = unsafe { ML_ENDPOINTS.get(&key.remote_ip) }.copied();
-        let ep = ep.ok_or(Counter::PassPeerNotLocal)?;
-        if ep.flags & netns_flags::ACCELERATE == 0 {
-            return Err(Counter::PassPeerNotEnrolled);
-        }
-        // SAFETY: as above.
-        match unsafe { ML_NETNS.get(&ep.netns) }.copied() {
-            Some(info) if info.flags & netns_flags::ACCELERATE != 0 => {}
-            _ => return Err(Counter::PassPeerNotEnrolled),
-        }
-        ep.netns
-    };
+    let peer_netns = peer_netns(key)?;
 
     let mut peer = key.peer(peer_netns);
     if ML_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {

@@ -18,7 +18,7 @@ use dataplane_common::{Counter, SockKey, SockStats, netns_flags};
 
 use crate::{
     key::{RawTuple, read_ip6, sock_key, u32_field},
-    maps::{ML_NETNS, ML_SOCK_STATS, ML_SOCKS, count},
+    maps::{ML_NETNS, ML_SOCK_STATS, ML_SOCKS, accel_allowed, count, evict, peer_netns},
 };
 
 /// The return value that tells the kernel the program ran fine; 0 would turn some operations
@@ -72,25 +72,62 @@ fn key_of(ctx: &SockOpsContext) -> Option<SockKey> {
     sock_key(netns, &t)
 }
 
+/// Puts an established socket into the SOCKHASH when its connection can be redirected.
+///
+/// Both ends of a connection must be in the map, or neither: a socket alone in the map gains
+/// nothing, and while in the map it is served by tcp_bpf, whose blocking recvmsg returns EAGAIN
+/// on a wakeup without data (net/ipv4/tcp_bpf.c) — harmless for poll-based servers, not for a
+/// blocking reader beside a writer that waits for send space. So the client (active side, first
+/// to be established) joins optimistically, and the accepted socket decides for both: it joins
+/// only if the client is in the map and has sent nothing through the stack, and if it cannot
+/// join it evicts the client again.
 fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
     let mut key = key_of(ctx).ok_or(Counter::SockUnsupportedFamily)?;
     // SAFETY: a hash lookup; the value is copied out at once.
     let info = unsafe { ML_NETNS.get(&key.netns) }.copied();
-    match info {
-        Some(info) if info.flags & netns_flags::ACCELERATE != 0 => {}
+    let flags = match info {
+        Some(info) if info.flags & netns_flags::ACCELERATE != 0 => info.flags,
         _ => return Err(Counter::SockNotEnrolled),
+    };
+    if !accel_allowed(flags) {
+        return Err(Counter::SockAccelOff);
+    }
+    let peer = key.peer(peer_netns(&key).map_err(|_| Counter::SockPeerNotLocal)?);
+    let passive = ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    if passive {
+        // SAFETY: a hash lookup; the value is copied out at once.
+        match unsafe { ML_SOCK_STATS.get(&peer) }.copied() {
+            None => return Err(Counter::SockPeerNotInMap),
+            Some(st) if st.stack_msgs != 0 => {
+                evict(&peer);
+                count(Counter::SockPeerEvicted, 1);
+                return Err(Counter::SockPeerOnStack);
+            }
+            Some(_) => {}
+        }
     }
 
     // The statistics entry first: a socket without one is never redirected (see maps.rs), so
     // inserting it before the SOCKHASH entry leaves no window where that rule is broken.
-    ML_SOCK_STATS
+    if ML_SOCK_STATS
         .insert(&key, &SockStats::default(), BPF_ANY as u64)
-        .map_err(|_| Counter::StatsInsertError)?;
+        .is_err()
+    {
+        if passive {
+            evict(&peer);
+            count(Counter::SockPeerEvicted, 1);
+        }
+        return Err(Counter::StatsInsertError);
+    }
 
     // SAFETY: `ops` is the live sock_ops context of an established TCP socket.
     let ops = unsafe { &mut *ctx.ops };
     if let Err(err) = ML_SOCKS.update(&mut key, ops, BPF_ANY as u64) {
         let _absent_is_fine: Result<(), i32> = ML_SOCK_STATS.remove(&key);
+        if passive {
+            evict(&peer);
+            count(Counter::SockPeerEvicted, 1);
+        }
         return Err(if err == -E2BIG {
             Counter::SockMapFull
         } else {

@@ -207,7 +207,7 @@ pub fn socket_checks(client: &mut TcpStream, server: &mut TcpStream) -> std::io:
         let mut s = server.try_clone()?;
         std::thread::spawn(move || -> std::io::Result<(usize, bool)> {
             let mut got = vec![0u8; TRANSFER_BYTES];
-            s.read_exact(&mut got)?;
+            read_exact_retrying(&mut s, &mut got, Duration::from_secs(10))?;
             Ok((got.len(), got.iter().enumerate().all(|(i, b)| *b == pattern(i))))
         })
     };
@@ -239,8 +239,7 @@ pub fn socket_checks(client: &mut TcpStream, server: &mut TcpStream) -> std::io:
         detail: format!("FIONREAD said {queued}, {FIONREAD_BYTES} bytes were queued"),
     });
     let mut sink = vec![0u8; FIONREAD_BYTES];
-    server.set_read_timeout(Some(Duration::from_secs(2)))?;
-    server.read_exact(&mut sink)?;
+    read_exact_retrying(server, &mut sink, Duration::from_secs(2))?;
 
     // 3. epoll wakes the reader within 100 ms of the write.
     let waited = epoll_wait_after_write(server, client)?;
@@ -253,6 +252,48 @@ pub fn socket_checks(client: &mut TcpStream, server: &mut TcpStream) -> std::io:
         },
     });
     Ok(checks)
+}
+
+/// `read(2)` the way event-driven programs (nginx, Envoy, Go, tokio) do it: on EAGAIN, wait for
+/// POLLIN and read again. A blocking read on a socket in a SOCKHASH can return EAGAIN when the
+/// reader is woken without data — for instance by a send-space wakeup while another thread of the
+/// same socket writes (tcp_bpf_recvmsg does not loop the way tcp_recvmsg does). Such a program sees
+/// the same bytes; only programs that treat EAGAIN on a blocking socket as fatal are affected
+/// (README, "Known limitations").
+pub fn read_retrying(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(e);
+                }
+                let mut fds = [libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(fds.as_mut_ptr(), 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
+/// `read_exact` on top of [`read_retrying`].
+pub fn read_exact_retrying(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> std::io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let n = read_retrying(s, &mut buf[off..], timeout)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        off += n;
+    }
+    Ok(())
 }
 
 fn pattern(i: usize) -> u8 {

@@ -409,7 +409,7 @@ fn identical_loopback_tuples_in_two_pods_never_meet() -> Result<()> {
     // And the host namespace cannot be enrolled.
     let err = lab
         .call(&Request::PodAdd {
-            netns: "/proc/1/ns/net".into(),
+            netns: "/proc/self/ns/net".into(),
             ips: vec!["10.77.0.99".parse()?],
             name: None,
         })
@@ -546,7 +546,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() -> Result<()> {
         (r#"{"op":"pod_add","netns":"/run/netns/does-not-exist","ips":["10.77.0.50"]}"#.into(), "does-not-exist"),
         (r#"{"op":"pod_add","netns":"relative/path","ips":["10.77.0.50"]}"#.into(), "absolute"),
         (r#"{"op":"pod_add","netns":"/etc/hostname","ips":["10.77.0.50"]}"#.into(), "not a namespace"),
-        (r#"{"op":"pod_add","netns":"/proc/1/ns/net","ips":["10.77.0.50"]}"#.into(), "host"),
+        (r#"{"op":"pod_add","netns":"/proc/self/ns/net","ips":["10.77.0.50"]}"#.into(), "host"),
         (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":[]}}"#), "at least one"),
         (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["127.0.0.1"]}}"#), "not a unicast"),
         (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["10.77.0.50"],"name":"Bad Name"}}"#), "NAMESPACE/NAME"),

@@ -10,14 +10,18 @@
 //! Both print one JSON line at the end; `send` exits non-zero unless every connection was exact.
 
 use std::{
-    io::{Read, Write},
+    io::Write,
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
+use meshlane::selftest::read_retrying;
 use meshlane_lab::probe::{Verdict, fill, first_mismatch};
+
+/// How long any single read may wait.
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
 use serde_json::json;
 
 fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
@@ -79,7 +83,6 @@ fn serve(args: &[String]) -> Result<()> {
 }
 
 fn serve_one(mut s: TcpStream, duplex: u64, tag: &str) -> Result<Verdict> {
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let writer = if duplex > 0 {
         let mut w = s.try_clone()?;
         Some(std::thread::spawn(move || write_pattern(&mut w, duplex, 64 << 10, 0)))
@@ -89,7 +92,7 @@ fn serve_one(mut s: TcpStream, duplex: u64, tag: &str) -> Result<Verdict> {
     let mut buf = vec![0u8; 256 << 10];
     let (mut off, mut ok) = (0u64, true);
     loop {
-        let n = s.read(&mut buf)?;
+        let n = read_retrying(&mut s, &mut buf, READ_TIMEOUT)?;
         if n == 0 {
             break;
         }
@@ -142,7 +145,6 @@ fn send(args: &[String]) -> Result<()> {
         let method = method.clone();
         move |i: u64| -> Result<()> {
             let mut s = connect(to, bind)?;
-            s.set_read_timeout(Some(Duration::from_secs(120)))?;
             let reader = {
                 let mut r = s.try_clone()?;
                 std::thread::spawn(move || read_reply(&mut r, duplex))
@@ -227,7 +229,7 @@ fn read_reply(r: &mut TcpStream, duplex: u64) -> Result<Verdict> {
     let mut buf = vec![0u8; 256 << 10];
     while off < duplex {
         let k = buf.len().min((duplex - off) as usize);
-        let n = r.read(&mut buf[..k])?;
+        let n = read_retrying(r, &mut buf[..k], READ_TIMEOUT)?;
         if n == 0 {
             bail!("duplex stream ended after {off} of {duplex} bytes");
         }
@@ -236,8 +238,15 @@ fn read_reply(r: &mut TcpStream, duplex: u64) -> Result<Verdict> {
         }
         off += n as u64;
     }
-    let mut rest = String::new();
-    r.read_to_string(&mut rest)?;
+    let mut raw = Vec::new();
+    loop {
+        let n = read_retrying(r, &mut buf, READ_TIMEOUT)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let rest = String::from_utf8_lossy(&raw);
     Verdict::parse(&rest).with_context(|| format!("server reply {rest:?}"))
 }
 
