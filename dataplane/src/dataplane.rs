@@ -52,6 +52,13 @@ impl Layout {
     }
 }
 
+/// The statistics entry of a socket is created just before its SOCKHASH entry, so with equal
+/// capacities a full node would report "statistics map full" instead of "SOCKHASH full". Twice
+/// the room keeps the SOCKHASH the limit that is hit.
+fn stats_capacity(sockhash_capacity: u32) -> u32 {
+    sockhash_capacity.saturating_mul(2)
+}
+
 fn layouts(sockhash_capacity: u32) -> [Layout; 6] {
     use std::mem::size_of;
     [
@@ -81,7 +88,7 @@ fn layouts(sockhash_capacity: u32) -> [Layout; 6] {
             ty: MapType::Hash,
             key: size_of::<SockKey>() as u32,
             value: size_of::<SockStats>() as u32,
-            max_entries: sockhash_capacity,
+            max_entries: stats_capacity(sockhash_capacity),
         },
         Layout {
             name: map_names::COUNTERS,
@@ -211,7 +218,7 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pins.maps)
             .map_max_entries(map_names::SOCKHASH, options.sockhash_capacity)
-            .map_max_entries(map_names::SOCK_STATS, options.sockhash_capacity)
+            .map_max_entries(map_names::SOCK_STATS, stats_capacity(options.sockhash_capacity))
             .load(EBPF_ELF)?;
 
         let mut programs = Vec::new();
