@@ -75,8 +75,12 @@ impl Agent {
     /// endpoint entries nobody owns (a pod deleted while the agent was down, or the self-test's
     /// namespace of a killed agent). Sockets already in the fast path are not touched.
     pub fn reconcile(&mut self) -> Result<()> {
-        let wanted: BTreeMap<u64, &Pod> =
-            self.state.pods.iter().map(|p| (p.netns_cookie, p)).collect();
+        let wanted: BTreeMap<u64, &Pod> = self
+            .state
+            .pods
+            .iter()
+            .map(|p| (p.netns_cookie, p))
+            .collect();
         for (cookie, _) in self.dp.netns_entries() {
             if !wanted.contains_key(&cookie) {
                 tracing::info!(cookie, "removing an enrollment no pod owns");

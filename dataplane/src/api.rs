@@ -41,7 +41,9 @@ pub enum Request {
     PodList,
     Status,
     /// The kill switch.
-    Accel { on: bool },
+    Accel {
+        on: bool,
+    },
     /// Detach and unpin everything, then stop the agent.
     Uninstall,
 }
@@ -137,10 +139,13 @@ impl Client {
         s.write_all(line.as_bytes()).map_err(io)?;
         s.write_all(b"\n").map_err(io)?;
         let mut resp = String::new();
-        let n = self.stream.read_line(&mut resp).map_err(|source| ClientError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        let n = self
+            .stream
+            .read_line(&mut resp)
+            .map_err(|source| ClientError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         if n == 0 {
             return Err(ClientError::Protocol {
                 path: self.path.clone(),
@@ -164,7 +169,8 @@ impl Client {
             Ok(resp.result)
         } else {
             Err(ClientError::Refused(
-                resp.error.unwrap_or_else(|| "refused without a reason".into()),
+                resp.error
+                    .unwrap_or_else(|| "refused without a reason".into()),
             ))
         }
     }
@@ -195,14 +201,23 @@ mod tests {
         for (line, want) in [
             ("{", "EOF"),
             (r#"{"op":"launch"}"#, "unknown variant"),
-            (r#"{"op":"pod_add","netns":"/x","ips":["10.0.0.300"]}"#, "invalid IP"),
+            (
+                r#"{"op":"pod_add","netns":"/x","ips":["10.0.0.300"]}"#,
+                "invalid IP",
+            ),
             (r#"{"op":"pod_add","ips":[]}"#, "missing field `netns`"),
             (r#"{"op":"accel","on":true,"force":1}"#, "unknown field"),
         ] {
             let e = parse_request(line).unwrap_err();
-            assert!(e.contains(want), "{line}: got {e:?}, wanted it to mention {want:?}");
+            assert!(
+                e.contains(want),
+                "{line}: got {e:?}, wanted it to mention {want:?}"
+            );
         }
-        let big = format!(r#"{{"op":"status","x":"{}"}}"#, "a".repeat(MAX_REQUEST_BYTES));
+        let big = format!(
+            r#"{{"op":"status","x":"{}"}}"#,
+            "a".repeat(MAX_REQUEST_BYTES)
+        );
         assert!(parse_request(&big).unwrap_err().contains("limit"));
     }
 }

@@ -218,7 +218,10 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pins.maps)
             .map_max_entries(map_names::SOCKHASH, options.sockhash_capacity)
-            .map_max_entries(map_names::SOCK_STATS, stats_capacity(options.sockhash_capacity))
+            .map_max_entries(
+                map_names::SOCK_STATS,
+                stats_capacity(options.sockhash_capacity),
+            )
             .load(EBPF_ELF)?;
 
         let mut programs = Vec::new();
@@ -356,7 +359,8 @@ fn attach_sockops(ebpf: &mut Ebpf, pins: &PinPaths, cgroup: &Path) -> Result<Att
         .ok_or_else(|| Error::Invalid(format!("the ELF has no program {name}")))?
         .try_into()
         .map_err(|source| Error::Program { name, source })?;
-    prog.load().map_err(|source| Error::Program { name, source })?;
+    prog.load()
+        .map_err(|source| Error::Program { name, source })?;
     let id = prog
         .info()
         .map_err(|source| Error::Program { name, source })?
@@ -368,7 +372,9 @@ fn attach_sockops(ebpf: &mut Ebpf, pins: &PinPaths, cgroup: &Path) -> Result<Att
         // established right now are handled by one program or the other, never by neither.
         let link = bpf_sys::obj_get(&link_path)
             .map_err(|e| Error::io("opening the pinned link", &link_path, e))?;
-        let prog_fd = prog.fd().map_err(|source| Error::Program { name, source })?;
+        let prog_fd = prog
+            .fd()
+            .map_err(|source| Error::Program { name, source })?;
         bpf_sys::link_update(link.as_fd(), prog_fd.as_fd())
             .map_err(|e| Error::io("BPF_LINK_UPDATE", &link_path, e))?;
         tracing::info!(link = %link_path.display(), "reused the pinned sockops link");
@@ -411,7 +417,8 @@ fn attach_sk_msg(ebpf: &mut Ebpf, socks: &SockHash<MapData, SockKey>) -> Result<
         .ok_or_else(|| Error::Invalid(format!("the ELF has no program {name}")))?
         .try_into()
         .map_err(|source| Error::Program { name, source })?;
-    prog.load().map_err(|source| Error::Program { name, source })?;
+    prog.load()
+        .map_err(|source| Error::Program { name, source })?;
     let id = prog
         .info()
         .map_err(|source| Error::Program { name, source })?

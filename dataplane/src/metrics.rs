@@ -18,7 +18,9 @@ struct DataplaneCollector(Arc<Mutex<Agent>>);
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("dp", &self.dp).finish_non_exhaustive()
+        f.debug_struct("Agent")
+            .field("dp", &self.dp)
+            .finish_non_exhaustive()
     }
 }
 
@@ -43,10 +45,22 @@ impl Collector for DataplaneCollector {
             ConstCounter::new(*v).encode(counters.encode_family(&labels)?)?;
         }
         for (name, help, v) in [
-            ("meshlane_accelerate", "1 when redirect is on", status.accelerate as i64),
-            ("meshlane_selftest_passed", "1 when the start-up self-test passed", status.selftest.passed as i64),
+            (
+                "meshlane_accelerate",
+                "1 when redirect is on",
+                status.accelerate as i64,
+            ),
+            (
+                "meshlane_selftest_passed",
+                "1 when the start-up self-test passed",
+                status.selftest.passed as i64,
+            ),
             ("meshlane_pods", "Enrolled pods", status.pods as i64),
-            ("meshlane_sockhash_sockets", "Sockets in the SOCKHASH", status.sockhash_sockets as i64),
+            (
+                "meshlane_sockhash_sockets",
+                "Sockets in the SOCKHASH",
+                status.sockhash_sockets as i64,
+            ),
         ] {
             let g = encoder.encode_descriptor(
                 name,

@@ -56,7 +56,10 @@ impl SelfTestReport {
 /// Runs the self-test. Never returns an error: any failure is a failed report, and the agent
 /// keeps running with redirect off.
 pub fn run(dp: &mut Dataplane, exe: &Path) -> SelfTestReport {
-    let cg = dp.options.cgroup.join(format!("meshlane-selftest-{}", std::process::id()));
+    let cg = dp
+        .options
+        .cgroup
+        .join(format!("meshlane-selftest-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&cg) {
         return SelfTestReport::failed(format!("creating cgroup {}: {e}", cg.display()), vec![]);
     }
@@ -81,7 +84,9 @@ fn run_in(dp: &mut Dataplane, exe: &Path, cg: &Path) -> SelfTestReport {
         .spawn()
     {
         Ok(c) => c,
-        Err(e) => return SelfTestReport::failed(format!("starting {}: {e}", exe.display()), vec![]),
+        Err(e) => {
+            return SelfTestReport::failed(format!("starting {}: {e}", exe.display()), vec![]);
+        }
     };
     let (tx, rx) = mpsc::channel::<String>();
     let stdout = child.stdout.take().expect("piped");
@@ -104,7 +109,10 @@ fn drive(
     rx: &mpsc::Receiver<String>,
 ) -> SelfTestReport {
     let cookie = match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(line) => match line.strip_prefix("cookie ").and_then(|c| c.parse::<u64>().ok()) {
+        Ok(line) => match line
+            .strip_prefix("cookie ")
+            .and_then(|c| c.parse::<u64>().ok())
+        {
             Some(c) => c,
             None => return SelfTestReport::failed(format!("child said {line:?}"), vec![]),
         },
@@ -144,9 +152,15 @@ fn drive(
     checks.push(Check {
         name: "redirected".into(),
         ok: redirected >= need,
-        detail: format!("{redirected} bytes went through sk_msg redirect, expected at least {need}"),
+        detail: format!(
+            "{redirected} bytes went through sk_msg redirect, expected at least {need}"
+        ),
     });
-    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name.as_str())
+        .collect();
     if failed.is_empty() {
         SelfTestReport {
             passed: true,
@@ -200,7 +214,10 @@ fn child(cgroup: &Path) -> std::io::Result<Vec<Check>> {
 
 /// The checks themselves, on a connected pair: byte-exact transfer client → server, FIONREAD on
 /// the server, epoll wakeup of the server. Public so the lab tests can run them on pod sockets.
-pub fn socket_checks(client: &mut TcpStream, server: &mut TcpStream) -> std::io::Result<Vec<Check>> {
+pub fn socket_checks(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+) -> std::io::Result<Vec<Check>> {
     let mut checks = Vec::new();
     // 1. Byte-exact transfer.
     let reader = {
@@ -208,7 +225,10 @@ pub fn socket_checks(client: &mut TcpStream, server: &mut TcpStream) -> std::io:
         std::thread::spawn(move || -> std::io::Result<(usize, bool)> {
             let mut got = vec![0u8; TRANSFER_BYTES];
             read_exact_retrying(&mut s, &mut got, Duration::from_secs(10))?;
-            Ok((got.len(), got.iter().enumerate().all(|(i, b)| *b == pattern(i))))
+            Ok((
+                got.len(),
+                got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+            ))
         })
     };
     let data: Vec<u8> = (0..TRANSFER_BYTES).map(pattern).collect();
@@ -260,7 +280,11 @@ pub fn socket_checks(client: &mut TcpStream, server: &mut TcpStream) -> std::io:
 /// same socket writes (tcp_bpf_recvmsg does not loop the way tcp_recvmsg does). Such a program sees
 /// the same bytes; only programs that treat EAGAIN on a blocking socket as fatal are affected
 /// (README, "Known limitations").
-pub fn read_retrying(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
+pub fn read_retrying(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> std::io::Result<usize> {
     let deadline = Instant::now() + timeout;
     loop {
         match s.read(buf) {
@@ -275,7 +299,13 @@ pub fn read_retrying(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> st
                     revents: 0,
                 }];
                 // SAFETY: one valid pollfd.
-                unsafe { libc::poll(fds.as_mut_ptr(), 1, left.as_millis().min(i32::MAX as u128) as i32) };
+                unsafe {
+                    libc::poll(
+                        fds.as_mut_ptr(),
+                        1,
+                        left.as_millis().min(i32::MAX as u128) as i32,
+                    )
+                };
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             r => return r,
@@ -284,7 +314,11 @@ pub fn read_retrying(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> st
 }
 
 /// `read_exact` on top of [`read_retrying`].
-pub fn read_exact_retrying(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> std::io::Result<()> {
+pub fn read_exact_retrying(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
     let mut off = 0;
     while off < buf.len() {
         let n = read_retrying(s, &mut buf[off..], timeout)?;

@@ -22,7 +22,8 @@ use crate::{
 /// Binds the API socket: removes a stale socket file, creates the directory, sets mode 0600.
 pub fn bind(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the API directory", dir, e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io("creating the API directory", dir, e))?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}

@@ -132,7 +132,9 @@ pub fn ip_key(ip: &IpAddr) -> [u32; 4] {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(*v6, |v4| v4.to_ipv6_mapped()),
     };
     let o = v6.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 #[cfg(test)]

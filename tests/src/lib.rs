@@ -24,6 +24,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use meshlane::api::{Client, Request};
 use serde_json::Value;
 
+pub mod bench;
 pub mod probe;
 
 const PREFIX: &str = "mlab-";
@@ -68,9 +69,7 @@ pub struct Agent {
 
 /// Runs a command, failing with its stderr when it fails.
 pub fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}{}",
@@ -234,16 +233,52 @@ impl Lab {
         let host_veth = format!("v{n}");
         ip(&["netns", "add", &netns])?;
         ip(&[
-            "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &host_veth,
-            "netns", &self.node_ns,
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &host_veth,
+            "netns",
+            &self.node_ns,
         ])?;
         let ip4: Ipv4Addr = format!("{SUBNET4}.{n}").parse()?;
         let ip6: Ipv6Addr = format!("{SUBNET6}{n:x}").parse()?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip4}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &self.node_ns, "link", "set", &host_veth, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &self.node_ns,
+            "link",
+            "set",
+            &host_veth,
+            "master",
+            "br0",
+            "up",
+        ])?;
         let cgroup = self.cgroup.join(name);
         std::fs::create_dir_all(&cgroup)?;
         let pod = Pod {
@@ -453,7 +488,9 @@ impl Lab {
 
     /// Programs attached to the lab cgroup, as bpftool sees them (evidence we don't produce).
     pub fn bpftool_cgroup(&self) -> Result<String> {
-        let out = run(Command::new("bpftool").args(["cgroup", "show"]).arg(&self.cgroup))?;
+        let out = run(Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&self.cgroup))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -474,7 +511,9 @@ impl Lab {
         for p in self.pods.drain(..) {
             let _ = Command::new("ip").args(["netns", "del", &p.netns]).output();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.node_ns]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.node_ns])
+            .output();
         remove_lab_dir(&self.dir);
     }
 }

@@ -71,10 +71,9 @@ impl Server {
                     use std::io::Read as _;
                     e.read_to_string(&mut stderr)?;
                 }
-                let lines: Vec<String> = std::iter::from_fn(|| {
-                    self.lines.recv_timeout(Duration::from_secs(2)).ok()
-                })
-                .collect();
+                let lines: Vec<String> =
+                    std::iter::from_fn(|| self.lines.recv_timeout(Duration::from_secs(2)).ok())
+                        .collect();
                 let last = lines.last().map(String::as_str).unwrap_or("");
                 if !st.success() {
                     bail!("server failed ({st}): {last} {stderr}");
@@ -104,7 +103,10 @@ fn send(lab: &Lab, pod: Option<&Pod>, to: SocketAddr, args: &[&str]) -> Result<V
         Some(p) => lab.cmd(p, probe())?,
         None => lab.host_cmd(probe())?,
     };
-    let out = cmd.args(["send", "--to", &to.to_string()]).args(args).output()?;
+    let out = cmd
+        .args(["send", "--to", &to.to_string()])
+        .args(args)
+        .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -138,14 +140,26 @@ fn byte_exact_transfers_every_send_path() -> Result<()> {
         let srv = serve(&lab, Some(server_pod), listen, &["--conns", &n.to_string()])?;
         for m in methods {
             for s in sizes {
-                send(&lab, Some(&a), srv.addr, &["--method", m, "--bytes", &s.to_string()])
-                    .with_context(|| format!("{what}: {m} of {s} bytes"))?;
+                send(
+                    &lab,
+                    Some(&a),
+                    srv.addr,
+                    &["--method", m, "--bytes", &s.to_string()],
+                )
+                .with_context(|| format!("{what}: {m} of {s} bytes"))?;
                 total += s;
             }
         }
         let summary = srv.finish(Duration::from_secs(60))?;
-        assert_eq!(summary["bad"], 0, "{what}: server saw corrupt streams: {summary}");
-        assert_eq!(summary["errors"].as_array().map(Vec::len), Some(0), "{what}: {summary}");
+        assert_eq!(
+            summary["bad"], 0,
+            "{what}: server saw corrupt streams: {summary}"
+        );
+        assert_eq!(
+            summary["errors"].as_array().map(Vec::len),
+            Some(0),
+            "{what}: {summary}"
+        );
     }
     let redirected = lab.counter("bytes_redirected")? - redirected_before;
     assert!(
@@ -155,13 +169,29 @@ fn byte_exact_transfers_every_send_path() -> Result<()> {
 
     // Concurrent streams in both directions: 8 connections, 8 MiB each way, pod-to-pod and
     // within one pod.
-    for (what, server_pod, listen) in [("pod-to-pod", &b, addr(b.ip, 7005)), ("loopback", &a, "127.0.0.1:7006".into())] {
-        let srv = serve(&lab, Some(server_pod), &listen, &["--conns", "8", "--duplex", &(8 * MIB).to_string()])?;
+    for (what, server_pod, listen) in [
+        ("pod-to-pod", &b, addr(b.ip, 7005)),
+        ("loopback", &a, "127.0.0.1:7006".into()),
+    ] {
+        let srv = serve(
+            &lab,
+            Some(server_pod),
+            &listen,
+            &["--conns", "8", "--duplex", &(8 * MIB).to_string()],
+        )?;
         send(
             &lab,
             Some(&a),
             srv.addr,
-            &["--conns", "8", "--parallel", "--duplex", &(8 * MIB).to_string(), "--bytes", &(8 * MIB).to_string()],
+            &[
+                "--conns",
+                "8",
+                "--parallel",
+                "--duplex",
+                &(8 * MIB).to_string(),
+                "--bytes",
+                &(8 * MIB).to_string(),
+            ],
         )
         .with_context(|| format!("duplex {what}"))?;
         let summary = srv.finish(Duration::from_secs(60))?;
@@ -184,7 +214,10 @@ fn accelerated_transfers_bypass_veth_and_lo() -> Result<()> {
     // keeps: a's eth0, the bridge-side veth of a, and a's lo.
     let measure = |port: u16| -> Result<(u64, u64, u64)> {
         let srv = serve(&lab, Some(&b), &addr(b.ip, port), &[])?;
-        let (eth, veth) = (tx_bytes(&a.netns, "eth0"), Lab::link_bytes(&lab.node_ns, &a.host_veth)?.0);
+        let (eth, veth) = (
+            tx_bytes(&a.netns, "eth0"),
+            Lab::link_bytes(&lab.node_ns, &a.host_veth)?.0,
+        );
         send(&lab, Some(&a), srv.addr, &["--bytes", &size.to_string()])?;
         srv.finish(Duration::from_secs(60))?;
         let d_eth = tx_bytes(&a.netns, "eth0") - eth;
@@ -234,10 +267,18 @@ fn fionread_epoll_poll_and_nginx_under_wrk() -> Result<()> {
             .args(["checks", "--listen", &listen, "--server-netns"])
             .arg(ns)
             .output()?;
-        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let checks: Value = serde_json::from_slice(&out.stdout)?;
         for c in checks.as_array().context("checks")? {
-            assert_eq!(c["ok"], true, "{what}: check {} failed: {}", c["name"], c["detail"]);
+            assert_eq!(
+                c["ok"], true,
+                "{what}: check {} failed: {}",
+                c["name"], c["detail"]
+            );
         }
         assert!(
             lab.counter("bytes_redirected")? - before >= 4 * MIB,
@@ -290,12 +331,24 @@ http {{ access_log off; client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt
             let before = lab.counter("bytes_redirected")?;
             let out = lab
                 .cmd(&a, "wrk")?
-                .args(["-t2", "-c32", "-d4s", "--latency", "--timeout", "2s", &format!("{url}/{path}")])
+                .args([
+                    "-t2",
+                    "-c32",
+                    "-d4s",
+                    "--latency",
+                    "--timeout",
+                    "2s",
+                    &format!("{url}/{path}"),
+                ])
                 .output()?;
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(out.status.success(), "wrk failed: {text}");
             let w = parse_wrk(&text).with_context(|| format!("wrk output: {text}"))?;
-            assert!(w.requests > 100, "{path}: only {} requests: {text}", w.requests);
+            assert!(
+                w.requests > 100,
+                "{path}: only {} requests: {text}",
+                w.requests
+            );
             assert_eq!(w.errors, 0, "{path}: wrk saw errors: {text}");
             assert!(
                 w.max_latency < Duration::from_secs(1),
@@ -373,7 +426,18 @@ fn identical_loopback_tuples_in_two_pods_never_meet() -> Result<()> {
     let sa = serve(&lab, Some(&a), "127.0.0.1:15001", &["--tag", "a"])?;
     let sb = serve(&lab, Some(&b), "127.0.0.1:15001", &["--tag", "b"])?;
     let args = |tag: &'static str| {
-        vec!["--bind", "127.0.0.1:40000", "--expect-tag", tag, "--bytes", "8388608", "--chunk", "16384", "--pace-ms", "1"]
+        vec![
+            "--bind",
+            "127.0.0.1:40000",
+            "--expect-tag",
+            tag,
+            "--bytes",
+            "8388608",
+            "--chunk",
+            "16384",
+            "--pace-ms",
+            "1",
+        ]
     };
     let (ra, rb) = std::thread::scope(|s| {
         let ha = s.spawn(|| send(&lab, Some(&a), sa.addr, &args("a")));
@@ -394,12 +458,22 @@ fn identical_loopback_tuples_in_two_pods_never_meet() -> Result<()> {
 
     // An un-enrolled pod and the host namespace: sockets are seen by sockops (they are in the
     // lab cgroup) but never inserted, never redirected.
-    for (what, pod, listen) in [("un-enrolled pod", Some(&c), "127.0.0.1:7400"), ("host netns", None, "127.0.0.1:0")] {
-        let (msgs, seen) = (lab.counter("msg_redirected")?, lab.counter("sock_not_enrolled")?);
+    for (what, pod, listen) in [
+        ("un-enrolled pod", Some(&c), "127.0.0.1:7400"),
+        ("host netns", None, "127.0.0.1:0"),
+    ] {
+        let (msgs, seen) = (
+            lab.counter("msg_redirected")?,
+            lab.counter("sock_not_enrolled")?,
+        );
         let srv = serve(&lab, pod, listen, &[])?;
         send(&lab, pod, srv.addr, &["--bytes", &(4 * MIB).to_string()])?;
         srv.finish(Duration::from_secs(30))?;
-        assert_eq!(lab.counter("msg_redirected")?, msgs, "{what}: messages were redirected");
+        assert_eq!(
+            lab.counter("msg_redirected")?,
+            msgs,
+            "{what}: messages were redirected"
+        );
         assert!(
             lab.counter("sock_not_enrolled")? >= seen + 2,
             "{what}: sockops did not see the sockets (is the process in the lab cgroup?)"
@@ -425,17 +499,39 @@ fn agent_restart_keeps_connections_and_acceleration() -> Result<()> {
     let bytes = 2 * MIB;
 
     for how in ["SIGKILL", "SIGTERM"] {
-        let (redirected0, passed0) = (lab.counter("bytes_redirected")?, lab.counter("bytes_passed")?);
+        let (redirected0, passed0) = (
+            lab.counter("bytes_redirected")?,
+            lab.counter("bytes_passed")?,
+        );
         // 200 connections streaming 2 MiB each in 16 KiB chunks every 40 ms (~5 s each); the
         // agent is stopped and restarted in the middle.
         let srv = serve(&lab, Some(&b), &addr(b.ip, 7500), &["--conns", "200"])?;
         let mut client = lab.cmd(&a, probe())?;
-        client.args(["send", "--to", &srv.addr.to_string(), "--conns", "200", "--parallel"]);
-        client.args(["--bytes", &bytes.to_string(), "--chunk", "16384", "--pace-ms", "40"]);
+        client.args([
+            "send",
+            "--to",
+            &srv.addr.to_string(),
+            "--conns",
+            "200",
+            "--parallel",
+        ]);
+        client.args([
+            "--bytes",
+            &bytes.to_string(),
+            "--chunk",
+            "16384",
+            "--pace-ms",
+            "40",
+        ]);
         let mut client = spawn_piped(&mut client)?;
         std::thread::sleep(Duration::from_millis(1000));
-        let sockets = lab.call(&Request::Status)?["sockhash_sockets"].as_u64().unwrap_or(0);
-        assert!(sockets >= 400, "{how}: only {sockets} sockets accelerated before the restart");
+        let sockets = lab.call(&Request::Status)?["sockhash_sockets"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(
+            sockets >= 400,
+            "{how}: only {sockets} sockets accelerated before the restart"
+        );
         if how == "SIGKILL" {
             lab.kill_agent()?;
         } else {
@@ -458,7 +554,11 @@ fn agent_restart_keeps_connections_and_acceleration() -> Result<()> {
         let summary = srv.finish(Duration::from_secs(60))?;
         assert_eq!(summary["bytes"], 200 * bytes, "{how}: {summary}");
         assert_eq!(summary["bad"], 0, "{how}: {summary}");
-        assert_eq!(summary["errors"].as_array().map(Vec::len), Some(0), "{how}: {summary}");
+        assert_eq!(
+            summary["errors"].as_array().map(Vec::len),
+            Some(0),
+            "{how}: {summary}"
+        );
         // Every byte of every stream went through the fast path, before, during and after.
         let redirected = lab.counter("bytes_redirected")? - redirected0;
         let passed = lab.counter("bytes_passed")? - passed0;
@@ -471,7 +571,12 @@ fn agent_restart_keeps_connections_and_acceleration() -> Result<()> {
         // New connections after the restart are accelerated.
         let before = lab.counter("bytes_redirected")?;
         let s2 = serve(&lab, Some(&b), &addr(b.ip, 7501), &[])?;
-        send(&lab, Some(&a), s2.addr, &["--bytes", &(8 * MIB).to_string()])?;
+        send(
+            &lab,
+            Some(&a),
+            s2.addr,
+            &["--bytes", &(8 * MIB).to_string()],
+        )?;
         s2.finish(Duration::from_secs(30))?;
         assert!(
             lab.counter("bytes_redirected")? - before >= 8 * MIB,
@@ -479,7 +584,11 @@ fn agent_restart_keeps_connections_and_acceleration() -> Result<()> {
         );
         // One sockops program on the lab cgroup, not one per agent start.
         let progs = lab.bpftool_cgroup()?;
-        assert_eq!(progs.matches("sock_ops").count(), 1, "{how}: bpftool shows {progs}");
+        assert_eq!(
+            progs.matches("sock_ops").count(),
+            1,
+            "{how}: bpftool shows {progs}"
+        );
     }
     Ok(())
 }
@@ -494,7 +603,17 @@ fn full_sockhash_falls_back_to_the_stack() -> Result<()> {
         &lab,
         Some(&a),
         srv.addr,
-        &["--conns", "20", "--parallel", "--bytes", &MIB.to_string(), "--chunk", "16384", "--pace-ms", "5"],
+        &[
+            "--conns",
+            "20",
+            "--parallel",
+            "--bytes",
+            &MIB.to_string(),
+            "--chunk",
+            "16384",
+            "--pace-ms",
+            "5",
+        ],
     )?;
     let summary = srv.finish(Duration::from_secs(60))?;
     assert_eq!(summary["bad"], 0, "{summary}");
@@ -513,17 +632,48 @@ fn kill_switch_turns_redirect_off_and_on() -> Result<()> {
     let lab = lab(&["a", "b"], true, &[])?;
     let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
     let out = lab.cli(&["accel", "off"])?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (redirected, off) = (lab.counter("bytes_redirected")?, lab.counter("sock_accel_off")?);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (redirected, off) = (
+        lab.counter("bytes_redirected")?,
+        lab.counter("sock_accel_off")?,
+    );
     let srv = serve(&lab, Some(&b), &addr(b.ip, 7700), &["--conns", "2"])?;
-    send(&lab, Some(&a), srv.addr, &["--bytes", &(4 * MIB).to_string()])?;
-    assert_eq!(lab.counter("bytes_redirected")?, redirected, "redirected while switched off");
+    send(
+        &lab,
+        Some(&a),
+        srv.addr,
+        &["--bytes", &(4 * MIB).to_string()],
+    )?;
+    assert_eq!(
+        lab.counter("bytes_redirected")?,
+        redirected,
+        "redirected while switched off"
+    );
     // Connections made while switched off never enter the SOCKHASH at all.
-    assert!(lab.counter("sock_accel_off")? >= off + 2, "sock_accel_off was not counted");
+    assert!(
+        lab.counter("sock_accel_off")? >= off + 2,
+        "sock_accel_off was not counted"
+    );
     let out = lab.cli(&["accel", "on"])?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    send(&lab, Some(&a), srv.addr, &["--bytes", &(4 * MIB).to_string()])?;
-    assert!(lab.counter("bytes_redirected")? - redirected >= 4 * MIB, "not redirected after accel on");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    send(
+        &lab,
+        Some(&a),
+        srv.addr,
+        &["--bytes", &(4 * MIB).to_string()],
+    )?;
+    assert!(
+        lab.counter("bytes_redirected")? - redirected >= 4 * MIB,
+        "not redirected after accel on"
+    );
     srv.finish(Duration::from_secs(30))?;
     Ok(())
 }
@@ -531,7 +681,11 @@ fn kill_switch_turns_redirect_off_and_on() -> Result<()> {
 /// Entries of a pinned map, as bpftool sees them.
 fn map_entries(lab: &Lab, name: &str) -> Result<usize> {
     let path = lab.agent().bpffs.join("v1/maps").join(name);
-    let out = meshlane_lab::run(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path))?;
+    let out = meshlane_lab::run(
+        Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&path),
+    )?;
     let v: Value = serde_json::from_slice(&out.stdout)?;
     Ok(v.as_array().map_or(0, Vec::len))
 }
@@ -557,25 +711,74 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() -> Result<()> {
     let cases: Vec<(String, &str)> = vec![
         ("this is not json".into(), "malformed request"),
         (r#"{"op":"pod_launch"}"#.into(), "unknown variant"),
-        (r#"{"op":"pod_add","netns":"/run/netns/does-not-exist","ips":["10.77.0.50"]}"#.into(), "does-not-exist"),
-        (r#"{"op":"pod_add","netns":"relative/path","ips":["10.77.0.50"]}"#.into(), "absolute"),
-        (r#"{"op":"pod_add","netns":"/etc/hostname","ips":["10.77.0.50"]}"#.into(), "not a namespace"),
-        (r#"{"op":"pod_add","netns":"/proc/self/ns/net","ips":["10.77.0.50"]}"#.into(), "host"),
-        (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":[]}}"#), "at least one"),
-        (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["127.0.0.1"]}}"#), "not a unicast"),
-        (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["10.77.0.50"],"name":"Bad Name"}}"#), "NAMESPACE/NAME"),
-        (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["{}"]}}"#, a.ip), "already belongs"),
-        (format!(r#"{{"op":"pod_add","netns":"{}","ips":["10.77.0.51"]}}"#, a.netns_path.display()), "already enrolled"),
-        (format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["10.77.0.50"],"name":"lab/a"}}"#), "already enrolled"),
-        (r#"{"op":"pod_del","name":"lab/nobody"}"#.into(), "no enrolled pod"),
-        (r#"{"op":"pod_del","netns":"/run/netns/x","name":"lab/a"}"#.into(), "exactly one"),
+        (
+            r#"{"op":"pod_add","netns":"/run/netns/does-not-exist","ips":["10.77.0.50"]}"#.into(),
+            "does-not-exist",
+        ),
+        (
+            r#"{"op":"pod_add","netns":"relative/path","ips":["10.77.0.50"]}"#.into(),
+            "absolute",
+        ),
+        (
+            r#"{"op":"pod_add","netns":"/etc/hostname","ips":["10.77.0.50"]}"#.into(),
+            "not a namespace",
+        ),
+        (
+            r#"{"op":"pod_add","netns":"/proc/self/ns/net","ips":["10.77.0.50"]}"#.into(),
+            "host",
+        ),
+        (
+            format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":[]}}"#),
+            "at least one",
+        ),
+        (
+            format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["127.0.0.1"]}}"#),
+            "not a unicast",
+        ),
+        (
+            format!(
+                r#"{{"op":"pod_add","netns":"{netns_b}","ips":["10.77.0.50"],"name":"Bad Name"}}"#
+            ),
+            "NAMESPACE/NAME",
+        ),
+        (
+            format!(
+                r#"{{"op":"pod_add","netns":"{netns_b}","ips":["{}"]}}"#,
+                a.ip
+            ),
+            "already belongs",
+        ),
+        (
+            format!(
+                r#"{{"op":"pod_add","netns":"{}","ips":["10.77.0.51"]}}"#,
+                a.netns_path.display()
+            ),
+            "already enrolled",
+        ),
+        (
+            format!(
+                r#"{{"op":"pod_add","netns":"{netns_b}","ips":["10.77.0.50"],"name":"lab/a"}}"#
+            ),
+            "already enrolled",
+        ),
+        (
+            r#"{"op":"pod_del","name":"lab/nobody"}"#.into(),
+            "no enrolled pod",
+        ),
+        (
+            r#"{"op":"pod_del","netns":"/run/netns/x","name":"lab/a"}"#.into(),
+            "exactly one",
+        ),
         (r#"{"op":"pod_del"}"#.into(), "exactly one"),
     ];
     for (line, want) in &cases {
         let resp = lab.client()?.call_raw(line)?;
         assert!(!resp.ok, "{line} was accepted");
         let err = resp.error.unwrap_or_default();
-        assert!(err.contains(want), "{line}: error {err:?} does not mention {want:?}");
+        assert!(
+            err.contains(want),
+            "{line}: error {err:?} does not mention {want:?}"
+        );
         assert_eq!(snapshot(&lab)?, before, "{line} changed the state");
     }
     // A line past the size limit is refused without being parsed.
@@ -585,7 +788,14 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() -> Result<()> {
     assert_eq!(snapshot(&lab)?, before);
 
     // The CLI reports the agent's error and exits non-zero.
-    let out = lab.cli(&["pod", "add", "--netns", "/run/netns/nope", "--ip", "10.77.0.60"])?;
+    let out = lab.cli(&[
+        "pod",
+        "add",
+        "--netns",
+        "/run/netns/nope",
+        "--ip",
+        "10.77.0.60",
+    ])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/run/netns/nope"), "CLI said: {err}");
@@ -599,20 +809,33 @@ fn uninstall_detaches_and_unpins_everything() -> Result<()> {
     assert!(lab.bpftool_cgroup()?.contains("sock_ops"));
     let bpffs = lab.agent().bpffs.clone();
     let out = lab.cli(&["uninstall"])?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The agent exits by itself.
     let deadline = Instant::now() + Duration::from_secs(10);
     let log = lab.agent_log();
     while lab.client().is_ok() {
-        assert!(Instant::now() < deadline, "the agent kept running after uninstall: {log}");
+        assert!(
+            Instant::now() < deadline,
+            "the agent kept running after uninstall: {log}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!lab.bpftool_cgroup()?.contains("sock_ops"), "sockops still attached");
+    assert!(
+        !lab.bpftool_cgroup()?.contains("sock_ops"),
+        "sockops still attached"
+    );
     // The bpffs root keeps the kernel's own preloaded iterators (maps.debug, progs.debug);
     // everything meshlane pinned lives under v1/.
     let left: Vec<_> = walk(&bpffs.join("v1"));
     assert!(left.is_empty(), "pins left behind: {left:?}");
-    assert!(!bpffs.join("v1").exists(), "the versioned pin directory is still there");
+    assert!(
+        !bpffs.join("v1").exists(),
+        "the versioned pin directory is still there"
+    );
     Ok(())
 }
 

@@ -57,14 +57,15 @@ fn run() -> anyhow::Result<()> {
     // The self-test re-executes this binary; that child must not parse agent flags.
     let mut argv = std::env::args_os();
     if argv.nth(1).is_some_and(|a| a == selftest::CHILD_ARG) {
-        let cg = argv.next().context("the self-test child needs a cgroup path")?;
+        let cg = argv
+            .next()
+            .context("the self-test child needs a cgroup path")?;
         selftest::child_main(std::path::Path::new(&cg));
     }
 
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -76,15 +77,18 @@ fn run() -> anyhow::Result<()> {
         tracing::info!(dir = %args.bpffs.display(), "mounted bpffs");
     }
     let state = State::load(&args.state_file)?;
-    if let Some(pinned) = &state.cgroup {
-        if *pinned != cgroup && meshlane::dataplane::PinPaths::new(&args.bpffs).sockops_link().exists() {
-            return Err(meshlane::Error::CgroupMismatch {
-                bpffs: args.bpffs.clone(),
-                pinned: pinned.clone(),
-                requested: cgroup,
-            }
-            .into());
+    if let Some(pinned) = &state.cgroup
+        && *pinned != cgroup
+        && meshlane::dataplane::PinPaths::new(&args.bpffs)
+            .sockops_link()
+            .exists()
+    {
+        return Err(meshlane::Error::CgroupMismatch {
+            bpffs: args.bpffs.clone(),
+            pinned: pinned.clone(),
+            requested: cgroup,
         }
+        .into());
     }
 
     let mut dp = Dataplane::load(DataplaneOptions {
@@ -111,7 +115,10 @@ fn run() -> anyhow::Result<()> {
     if report.passed {
         tracing::info!("self-test passed: {}", report.detail);
     } else {
-        tracing::warn!("self-test did not pass, redirect stays off: {}", report.detail);
+        tracing::warn!(
+            "self-test did not pass, redirect stays off: {}",
+            report.detail
+        );
         for c in report.checks.iter().filter(|c| !c.ok) {
             tracing::warn!(check = %c.name, "{}", c.detail);
         }

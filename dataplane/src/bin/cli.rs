@@ -110,7 +110,10 @@ fn run() -> anyhow::Result<()> {
         }
         Cmd::Accel { state } => {
             let v = connect()?.call(&Request::Accel { on: state == "on" })?;
-            println!("acceleration {}", if v["accelerate"] == true { "on" } else { "off" });
+            println!(
+                "acceleration {}",
+                if v["accelerate"] == true { "on" } else { "off" }
+            );
         }
         Cmd::Uninstall { bpffs } => match connect() {
             Ok(mut c) => {
@@ -119,7 +122,10 @@ fn run() -> anyhow::Result<()> {
                 println!("uninstalled: {n} pins removed, agent stopping");
             }
             Err(e) => {
-                eprintln!("meshlane: {e}; removing pins under {} directly", bpffs.display());
+                eprintln!(
+                    "meshlane: {e}; removing pins under {} directly",
+                    bpffs.display()
+                );
                 let removed = meshlane::dataplane::unpin_all(&bpffs)
                     .with_context(|| format!("unpinning under {}", bpffs.display()))?;
                 println!("uninstalled: {} pins removed", removed.len());
@@ -132,7 +138,12 @@ fn run() -> anyhow::Result<()> {
 fn print_pods(v: &Value) {
     println!("{:<4} {:<32} {:<36} IPS", "ID", "NAME", "NETNS");
     for p in v.as_array().into_iter().flatten() {
-        let ips: Vec<&str> = p["ips"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let ips: Vec<&str> = p["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
         println!(
             "{:<4} {:<32} {:<36} {}",
             p["id"],
@@ -145,21 +156,37 @@ fn print_pods(v: &Value) {
 
 fn print_status(v: &Value) {
     let onoff = |b: &Value| if b == true { "on" } else { "off" };
-    println!("meshlane agent {} (abi v{})", v["version"].as_str().unwrap_or("?"), v["abi"]);
+    println!(
+        "meshlane agent {} (abi v{})",
+        v["version"].as_str().unwrap_or("?"),
+        v["abi"]
+    );
     println!("cgroup:        {}", v["cgroup"].as_str().unwrap_or("?"));
     println!("bpffs:         {}", v["bpffs"].as_str().unwrap_or("?"));
     println!(
         "acceleration:  {} (wanted {}, self-test {})",
         onoff(&v["accelerate"]),
         onoff(&v["accel_wanted"]),
-        if v["selftest"]["passed"] == true { "passed" } else { "FAILED" }
+        if v["selftest"]["passed"] == true {
+            "passed"
+        } else {
+            "FAILED"
+        }
     );
-    println!("self-test:     {}", v["selftest"]["detail"].as_str().unwrap_or(""));
+    println!(
+        "self-test:     {}",
+        v["selftest"]["detail"].as_str().unwrap_or("")
+    );
     println!("pods:          {}", v["pods"]);
     println!("sockets:       {} in the SOCKHASH", v["sockhash_sockets"]);
     println!("programs:");
     for p in v["programs"].as_array().into_iter().flatten() {
-        println!("  {:<12} id {:<6} {}", p["name"].as_str().unwrap_or("?"), p["id"], p["attach"].as_str().unwrap_or(""));
+        println!(
+            "  {:<12} id {:<6} {}",
+            p["name"].as_str().unwrap_or("?"),
+            p["id"],
+            p["attach"].as_str().unwrap_or("")
+        );
     }
     println!("counters:");
     if let Some(m) = v["counters"].as_object() {

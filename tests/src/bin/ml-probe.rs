@@ -85,7 +85,9 @@ fn serve(args: &[String]) -> Result<()> {
 fn serve_one(mut s: TcpStream, duplex: u64, tag: &str) -> Result<Verdict> {
     let writer = if duplex > 0 {
         let mut w = s.try_clone()?;
-        Some(std::thread::spawn(move || write_pattern(&mut w, duplex, 64 << 10, 0)))
+        Some(std::thread::spawn(move || {
+            write_pattern(&mut w, duplex, 64 << 10, 0)
+        }))
     } else {
         None
     };
@@ -336,7 +338,14 @@ fn send_file(s: &TcpStream, n: u64, via_splice: bool) -> Result<()> {
         if left > 0 {
             // SAFETY: splice between our own fds; pos is updated by the kernel.
             let r = unsafe {
-                libc::splice(f.as_raw_fd(), &mut pos, pw.as_raw_fd(), std::ptr::null_mut(), left, 0)
+                libc::splice(
+                    f.as_raw_fd(),
+                    &mut pos,
+                    pw.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    left,
+                    0,
+                )
             };
             if r < 0 {
                 return Err(std::io::Error::last_os_error().into());
@@ -346,7 +355,14 @@ fn send_file(s: &TcpStream, n: u64, via_splice: bool) -> Result<()> {
         while filled > 0 {
             // SAFETY: as above.
             let w = unsafe {
-                libc::splice(pr.as_raw_fd(), std::ptr::null_mut(), s.as_raw_fd(), std::ptr::null_mut(), filled, 0)
+                libc::splice(
+                    pr.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    s.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    filled,
+                    0,
+                )
             };
             if w < 0 {
                 return Err(std::io::Error::last_os_error().into());
@@ -363,7 +379,9 @@ fn send_file(s: &TcpStream, n: u64, via_splice: bool) -> Result<()> {
 /// this process enters that namespace to listen.
 fn checks(args: &[String]) -> Result<()> {
     let listen: SocketAddr = arg(args, "--listen").context("--listen")?.parse()?;
-    let netns = arg(args, "--server-netns").context("--server-netns")?.to_string();
+    let netns = arg(args, "--server-netns")
+        .context("--server-netns")?
+        .to_string();
     let listener = std::thread::spawn(move || -> Result<TcpListener> {
         let f = std::fs::File::open(&netns)?;
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
@@ -383,11 +401,17 @@ fn checks(args: &[String]) -> Result<()> {
         w.write_all(b"p")?;
         Ok(t)
     });
-    let mut fds = [libc::pollfd { fd: server.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    let mut fds = [libc::pollfd {
+        fd: server.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
     // SAFETY: one valid pollfd.
     let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) };
     let woke = std::time::Instant::now();
-    let t = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let t = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     let waited = woke.saturating_duration_since(t);
     checks.push(meshlane::selftest::Check {
         name: "poll_wakeup".into(),
