@@ -9,4 +9,13 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --locked --bins
 # One test at a time: each builds its own lab, and timing checks (epoll wakeup < 100 ms, no
 # request slower than 1 s) should not compete for the machine's two cores.
-cargo test --locked -- --test-threads=1
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked -- --test-threads=1 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "meshlane: %d passed, %d failed, %d skipped\n", p, f, s }' \
+  "${log}" | sed 's/;//g'
+exit "$rc"

@@ -481,6 +481,19 @@ impl Lab {
         self.start_agent(extra)
     }
 
+    /// The address the agent's metrics server listens on, from its log.
+    pub fn metrics_addr(&self) -> Result<std::net::SocketAddr> {
+        let log = self.agent_log();
+        let at = log
+            .rfind("metrics=")
+            .with_context(|| format!("no metrics address in the agent log:\n{log}"))?;
+        let addr: String = log[at + "metrics=".len()..]
+            .chars()
+            .take_while(|c| !c.is_whitespace())
+            .collect();
+        Ok(addr.parse()?)
+    }
+
     /// The agent's log so far.
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()

@@ -853,3 +853,70 @@ fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn metrics_match_status_and_only_metrics_is_served() -> Result<()> {
+    let lab = lab(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let srv = serve(&lab, Some(&b), &addr(b.ip, 7800), &[])?;
+    send(
+        &lab,
+        Some(&a),
+        srv.addr,
+        &["--bytes", &(2 * MIB).to_string()],
+    )?;
+    srv.finish(Duration::from_secs(30))?;
+    let url = format!("http://{}/metrics", lab.metrics_addr()?);
+    let out = meshlane_lab::run(Command::new("curl").args(["-sf", &url]))?;
+    let text = String::from_utf8(out.stdout)?;
+    let status = lab.counters()?;
+    for name in ["bytes_redirected", "sock_inserted", "msg_redirected"] {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "meshlane_dataplane_events_total{{reason=\"{name}\"}}"
+                ))
+            })
+            .with_context(|| format!("no {name} series in:\n{text}"))?;
+        let v: u64 = line.rsplit(' ').next().unwrap_or("").parse()?;
+        // The counters only grow, and nothing runs between the scrape and the status call.
+        assert_eq!(
+            v, status[name],
+            "{name}: /metrics says {v}, status says {}",
+            status[name]
+        );
+    }
+    assert!(
+        text.contains("# TYPE meshlane_dataplane_events counter"),
+        "{text}"
+    );
+    assert!(text.contains("meshlane_accelerate 1"), "{text}");
+    assert!(text.contains("meshlane_pods 2"), "{text}");
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(url.replace("/metrics", "/nope"))
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    Ok(())
+}
+
+#[test]
+fn a_pin_with_another_layout_is_refused_with_a_clear_error() -> Result<()> {
+    let mut lab = lab(&["a"], true, &["--sockhash-capacity", "64"])?;
+    lab.stop_agent()?;
+    // Same bpffs, another capacity: the pinned SOCKHASH no longer fits this agent.
+    let err = lab
+        .start_agent(&[])
+        .expect_err("an agent must not reuse a map of another size");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("ML_SOCKS") && msg.contains("64 entries") && msg.contains("65536 entries"),
+        "unclear refusal: {msg}"
+    );
+    // What was pinned keeps working: the original capacity starts fine and finds its pod.
+    lab.start_agent(&["--sockhash-capacity", "64"])?;
+    let pods = lab.call(&Request::PodList)?;
+    assert_eq!(pods.as_array().map(Vec::len), Some(1), "{pods}");
+    Ok(())
+}
