@@ -21,6 +21,27 @@ pub struct RawTuple {
     pub remote_port_be: u32,
 }
 
+/// Reads the tuple fields of a `bpf_sock_ops` or `sk_msg_md` pointer; both contexts name them
+/// alike but are different types, hence a macro.
+macro_rules! raw_tuple {
+    ($ctx:expr) => {{
+        let c = $ctx;
+        // SAFETY: `c` is the live program context; every field is read with a 4-byte load.
+        unsafe {
+            $crate::key::RawTuple {
+                family: $crate::key::u32_field(&raw const (*c).family),
+                local_ip4: $crate::key::u32_field(&raw const (*c).local_ip4),
+                remote_ip4: $crate::key::u32_field(&raw const (*c).remote_ip4),
+                local_ip6: $crate::key::read_ip6(&raw const (*c).local_ip6),
+                remote_ip6: $crate::key::read_ip6(&raw const (*c).remote_ip6),
+                local_port: $crate::key::u32_field(&raw const (*c).local_port),
+                remote_port_be: $crate::key::u32_field(&raw const (*c).remote_port),
+            }
+        }
+    }};
+}
+pub(crate) use raw_tuple;
+
 /// Reads four consecutive u32 context words.
 ///
 /// # Safety

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use dataplane_common::{Counter, SockKey, SockStats, netns_flags};
 
 use crate::{
-    key::{RawTuple, read_ip6, sock_key, u32_field},
+    key::{raw_tuple, sock_key},
     maps::{ML_NETNS, ML_SOCK_STATS, ML_SOCKS, accel_allowed, count, peer_netns},
 };
 
@@ -53,18 +53,7 @@ pub fn ml_sk_msg(ctx: SkMsgContext) -> u32 {
 
 fn key_of(ctx: &SkMsgContext) -> Option<SockKey> {
     let md = ctx.msg;
-    // SAFETY: `md` is the live context; every field is read with a 4-byte load.
-    let t = unsafe {
-        RawTuple {
-            family: u32_field(&raw const (*md).family),
-            local_ip4: u32_field(&raw const (*md).local_ip4),
-            remote_ip4: u32_field(&raw const (*md).remote_ip4),
-            local_ip6: read_ip6(&raw const (*md).local_ip6),
-            remote_ip6: read_ip6(&raw const (*md).remote_ip6),
-            local_port: u32_field(&raw const (*md).local_port),
-            remote_port_be: u32_field(&raw const (*md).remote_port),
-        }
-    };
+    let t = raw_tuple!(md);
     // SAFETY: bpf_get_netns_cookie is allowed for sk_msg since Linux 5.15.
     let netns = unsafe { bpf_get_netns_cookie(md.cast()) };
     sock_key(netns, &t)

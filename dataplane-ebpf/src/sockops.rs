@@ -17,7 +17,7 @@ use aya_ebpf::{
 use dataplane_common::{Counter, SockKey, SockStats, netns_flags};
 
 use crate::{
-    key::{RawTuple, read_ip6, sock_key, u32_field},
+    key::{raw_tuple, sock_key},
     maps::{ML_NETNS, ML_SOCK_STATS, ML_SOCKS, accel_allowed, count, evict, peer_netns},
 };
 
@@ -55,18 +55,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Counter> {
 
 fn key_of(ctx: &SockOpsContext) -> Option<SockKey> {
     let ops = ctx.ops;
-    // SAFETY: `ops` is the live context; every field is read with a 4-byte load.
-    let t = unsafe {
-        RawTuple {
-            family: u32_field(&raw const (*ops).family),
-            local_ip4: u32_field(&raw const (*ops).local_ip4),
-            remote_ip4: u32_field(&raw const (*ops).remote_ip4),
-            local_ip6: read_ip6(&raw const (*ops).local_ip6),
-            remote_ip6: read_ip6(&raw const (*ops).remote_ip6),
-            local_port: u32_field(&raw const (*ops).local_port),
-            remote_port_be: u32_field(&raw const (*ops).remote_port),
-        }
-    };
+    let t = raw_tuple!(ops);
     // SAFETY: bpf_get_netns_cookie is allowed for sock_ops since Linux 5.15.
     let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
     sock_key(netns, &t)

@@ -30,6 +30,14 @@ pub struct Agent {
     host_cookies: Vec<u64>,
 }
 
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("dp", &self.dp)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub version: &'static str,
