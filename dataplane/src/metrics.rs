@@ -16,14 +16,6 @@ use crate::agent::Agent;
 #[derive(Debug)]
 struct DataplaneCollector(Arc<Mutex<Agent>>);
 
-impl std::fmt::Debug for Agent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent")
-            .field("dp", &self.dp)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Collector for DataplaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Ok(agent) = self.0.lock() else {
