@@ -167,6 +167,29 @@ fn byte_exact_transfers_every_send_path() -> Result<()> {
         "only {redirected} of {total} bytes went through the fast path"
     );
 
+    // A dual-stack server (listening on [::]) accepts an IPv4 client: its socket is AF_INET6
+    // with ::ffff:a.b.c.d addresses, the client's is AF_INET. Both must produce the same key.
+    for (what, server_pod, port, to) in [
+        (
+            "pod-to-pod",
+            &b,
+            7007u16,
+            SocketAddr::new(b.ip.into(), 7007),
+        ),
+        ("loopback", &a, 7008, "127.0.0.1:7008".parse()?),
+    ] {
+        let before = lab.counter("bytes_redirected")?;
+        let srv = serve(&lab, Some(server_pod), &format!("[::]:{port}"), &[])?;
+        send(&lab, Some(&a), to, &["--bytes", &(8 * MIB).to_string()])
+            .with_context(|| format!("IPv4 client to a dual-stack server, {what}"))?;
+        srv.finish(Duration::from_secs(30))?;
+        let redirected = lab.counter("bytes_redirected")? - before;
+        assert!(
+            redirected >= 8 * MIB,
+            "IPv4 client to a dual-stack server ({what}): only {redirected} bytes redirected"
+        );
+    }
+
     // Concurrent streams in both directions: 8 connections, 8 MiB each way, pod-to-pod and
     // within one pod.
     for (what, server_pod, listen) in [
