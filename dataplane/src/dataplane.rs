@@ -340,11 +340,6 @@ impl Dataplane {
             .unwrap_or(0))
     }
 
-    /// Per-socket statistics of every socket in the fast path.
-    pub fn sock_stats(&self) -> Vec<(SockKey, SockStats)> {
-        self.stats.iter().filter_map(|r| r.ok()).collect()
-    }
-
     /// Number of sockets currently in the SOCKHASH.
     pub fn sockhash_len(&self) -> usize {
         self.socks.keys().filter(|k| k.is_ok()).count()
