@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -53,6 +53,27 @@ pub struct Status {
     pub pods: usize,
     pub sockhash_sockets: usize,
     pub counters: BTreeMap<&'static str, u64>,
+}
+
+/// A socket in the fast path, as `meshlane sockets` shows it.
+#[derive(Debug, Serialize)]
+pub struct SocketView {
+    /// NAMESPACE/NAME of the pod, or `pod-<id>` when it was enrolled without a name.
+    pub pod: Option<String>,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub redirected_bytes: u64,
+    pub stack_bytes: u64,
+}
+
+fn key_addr(ip: [u32; 4], port: u32) -> SocketAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in ip.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(o);
+    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+    SocketAddr::new(ip, port as u16)
 }
 
 /// What `uninstall` did, for the caller.
@@ -131,6 +152,7 @@ impl Agent {
                 Ok(json!(pod))
             }
             Request::PodList => Ok(json!(self.state.pods)),
+            Request::Sockets => Ok(json!(self.sockets())),
             Request::Status => Ok(json!(self.status()?)),
             Request::Accel { on } => {
                 let before = self.state.accel_wanted;
@@ -301,6 +323,28 @@ impl Agent {
                 tracing::warn!(error = %e, "removing an endpoint");
             }
         }
+    }
+
+    pub fn sockets(&self) -> Vec<SocketView> {
+        let mut v: Vec<SocketView> = self
+            .dp
+            .sock_stats()
+            .into_iter()
+            .map(|(k, st)| SocketView {
+                pod: self
+                    .state
+                    .pods
+                    .iter()
+                    .find(|p| p.netns_cookie == k.netns)
+                    .map(|p| p.name.clone().unwrap_or_else(|| format!("pod-{}", p.id))),
+                local: key_addr(k.local_ip, k.local_port),
+                remote: key_addr(k.remote_ip, k.remote_port),
+                redirected_bytes: st.redirected_bytes,
+                stack_bytes: st.stack_bytes,
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.pod, a.local, a.remote).cmp(&(&b.pod, b.local, b.remote)));
+        v
     }
 
     pub fn status(&self) -> Result<Status> {

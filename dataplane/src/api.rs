@@ -39,6 +39,8 @@ pub enum Request {
         name: Option<String>,
     },
     PodList,
+    /// Sockets in the fast path with their byte counters.
+    Sockets,
     Status,
     /// The kill switch.
     Accel {

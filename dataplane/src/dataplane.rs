@@ -340,6 +340,11 @@ impl Dataplane {
             .unwrap_or(0))
     }
 
+    /// Byte counters of every socket in the fast path (sockets leave with their connection).
+    pub fn sock_stats(&self) -> Vec<(SockKey, SockStats)> {
+        self.stats.iter().filter_map(|r| r.ok()).collect()
+    }
+
     /// Number of sockets currently in the SOCKHASH.
     pub fn sockhash_len(&self) -> usize {
         self.socks.keys().filter(|k| k.is_ok()).count()

@@ -27,6 +27,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PodCmd,
     },
+    /// Sockets in the fast path, with the bytes each sent by redirect and through the stack.
+    Sockets {
+        #[arg(long)]
+        json: bool,
+    },
     /// Programs, self-test, acceleration and every counter.
     Status {
         #[arg(long)]
@@ -100,6 +105,27 @@ fn run() -> anyhow::Result<()> {
                 }
             }
         },
+        Cmd::Sockets { json } => {
+            let v = connect()?.call(&Request::Sockets)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<24} {:<44} {:<44} {:>14} {:>12}",
+                    "POD", "LOCAL", "REMOTE", "REDIRECTED_B", "STACK_B"
+                );
+                for s in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<44} {:<44} {:>14} {:>12}",
+                        s["pod"].as_str().unwrap_or("-"),
+                        s["local"].as_str().unwrap_or("?"),
+                        s["remote"].as_str().unwrap_or("?"),
+                        s["redirected_bytes"],
+                        s["stack_bytes"]
+                    );
+                }
+            }
+        }
         Cmd::Status { json } => {
             let v = connect()?.call(&Request::Status)?;
             if json {
