@@ -23,12 +23,38 @@ pub mod map_names {
     pub const COUNTERS: &str = "ML_COUNTERS";
     /// One-entry array holding the runtime [`super::Config`].
     pub const CONFIG: &str = "ML_CONFIG";
+    /// Service table: [`super::ServiceKey`] → [`super::Service`].
+    pub const SERVICES: &str = "ML_SERVICES";
+    /// Backends of every service: [`super::BackendKey`] → [`super::Addr`].
+    pub const BACKENDS: &str = "ML_BACKENDS";
+    /// Per-CPU [`super::ServiceStats`] indexed by [`super::Service::id`].
+    pub const SVC_STATS: &str = "ML_SVC_STATS";
+    /// Sidecar settings of sidecar pods: netns cookie → [`super::Sidecar`].
+    pub const SIDECARS: &str = "ML_SIDECARS";
+    /// Original destinations of captured connects not yet established: socket cookie →
+    /// [`super::Addr`] (LRU).
+    pub const ORIG_PENDING: &str = "ML_ORIG_PENDING";
+    /// Original destinations of captured connections, keyed by the *accepting* socket's
+    /// [`super::SockKey`] (LRU); read by the getsockopt program for `SO_ORIGINAL_DST`.
+    pub const ORIG_DST: &str = "ML_ORIG_DST";
+    /// Reverse translation: [`super::RevNatKey`] (socket cookie + translated peer) → the address
+    /// the application asked for (LRU); read by getpeername and UDP recvmsg.
+    pub const REVNAT: &str = "ML_REVNAT";
 }
 
 /// Program names (the kernel keeps 15 characters).
 pub mod program_names {
     pub const SOCKOPS: &str = "ml_sockops";
     pub const SK_MSG: &str = "ml_sk_msg";
+    pub const CONNECT4: &str = "ml_connect4";
+    pub const CONNECT6: &str = "ml_connect6";
+    pub const SENDMSG4: &str = "ml_sendmsg4";
+    pub const SENDMSG6: &str = "ml_sendmsg6";
+    pub const RECVMSG4: &str = "ml_recvmsg4";
+    pub const RECVMSG6: &str = "ml_recvmsg6";
+    pub const GETPEERNAME4: &str = "ml_getpeername4";
+    pub const GETPEERNAME6: &str = "ml_getpeername6";
+    pub const GETSOCKOPT: &str = "ml_getsockopt";
 }
 
 /// The layout version of the maps and of the programs' view of them. Pins live under
@@ -40,6 +66,14 @@ pub const SOCKHASH_CAPACITY: u32 = 65_536;
 pub const NETNS_CAPACITY: u32 = 4_096;
 pub const ENDPOINTS_CAPACITY: u32 = 16_384;
 pub const SOCK_STATS_CAPACITY: u32 = 65_536;
+pub const SERVICES_CAPACITY: u32 = 16_384;
+/// Twice the largest total number of backends a table may have: a service's new backends are
+/// written beside its old ones and the service entry is switched over in one update.
+pub const BACKENDS_CAPACITY: u32 = 2 * MAX_TOTAL_BACKENDS;
+pub const MAX_TOTAL_BACKENDS: u32 = 65_536;
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
+pub const ORIG_CAPACITY: u32 = 65_536;
+pub const REVNAT_CAPACITY: u32 = 131_072;
 
 /// A socket as the fast path sees it: its network namespace and its 4-tuple from its own side.
 ///
@@ -90,6 +124,12 @@ pub const fn is_loopback(ip: &[u32; 4]) -> bool {
     }
 }
 
+/// Whether a key address is IPv4-mapped (`::ffff:a.b.c.d`).
+#[inline(always)]
+pub const fn is_ipv4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0x0000_ffff)
+}
+
 /// What the agent knows of an enrolled network namespace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -98,8 +138,11 @@ pub struct NetnsInfo {
     pub flags: u32,
     /// A small id the agent assigns, for counters and logs.
     pub pod_id: u32,
+    /// The pod's first address (IPv4-mapped or IPv6): the "client address" that client-address
+    /// affinity hashes, since a socket has no source address yet when it connects.
+    pub addr: [u32; 4],
 }
-const _: () = assert!(size_of::<NetnsInfo>() == 8);
+const _: () = assert!(size_of::<NetnsInfo>() == 24);
 
 /// Bits of [`NetnsInfo::flags`] and [`Endpoint::flags`].
 pub mod netns_flags {
@@ -108,7 +151,133 @@ pub mod netns_flags {
     /// The agent's own self-test namespace: redirected even while acceleration is globally off,
     /// so the self-test can prove the path before anyone else uses it.
     pub const SELFTEST: u32 = 1 << 1;
+    /// The pod runs a sidecar proxy: its outbound TCP connects are captured to the proxy, and
+    /// connects from other pods of this node to it go to the proxy's inbound port. Its settings
+    /// are in [`super::map_names::SIDECARS`].
+    pub const SIDECAR: u32 = 1 << 2;
 }
+
+/// An address: IPv6, IPv4 stored IPv4-mapped, network byte order as the kernel hands it over;
+/// the port in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Addr {
+    pub ip: [u32; 4],
+    pub port: u32,
+}
+const _: () = assert!(size_of::<Addr>() == 20);
+
+/// IP protocol numbers used in [`ServiceKey::proto`].
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// A service's virtual address as a connect or sendmsg sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+
+/// A service: where its backends are and how to choose one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Index into [`map_names::SVC_STATS`]; stable across reloads while the service exists.
+    pub id: u32,
+    /// The [`BackendKey::set`] holding this service's current backends.
+    pub backend_set: u32,
+    /// Number of backends (indexes `0..count` of the set). Zero: connects are refused.
+    pub count: u32,
+    /// [`service_flags`] bits.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Service>() == 16);
+
+pub mod service_flags {
+    /// Choose the backend by hashing the client's address instead of at random.
+    pub const AFFINITY_CLIENT_ADDR: u32 = 1 << 0;
+}
+
+/// One backend slot of a backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BackendKey {
+    pub set: u32,
+    pub index: u32,
+}
+const _: () = assert!(size_of::<BackendKey>() == 8);
+
+/// Per-service counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceStats {
+    /// TCP connects and connected-UDP connects translated to a backend.
+    pub connects: u64,
+    /// UDP datagrams translated at sendmsg.
+    pub datagrams: u64,
+    /// Connects or datagrams refused because the service had no backend.
+    pub refused: u64,
+}
+const _: () = assert!(size_of::<ServiceStats>() == 24);
+
+/// Slots in [`Sidecar`]'s exclusion lists.
+pub const SIDECAR_MAX_PORTS: usize = 8;
+pub const SIDECAR_MAX_CIDRS: usize = 8;
+
+/// A CIDR as a network and a mask, both in [`Addr`]'s address form.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Cidr {
+    pub net: [u32; 4],
+    pub mask: [u32; 4],
+}
+const _: () = assert!(size_of::<Cidr>() == 32);
+
+impl Cidr {
+    #[inline(always)]
+    pub const fn contains(&self, ip: &[u32; 4]) -> bool {
+        ip[0] & self.mask[0] == self.net[0]
+            && ip[1] & self.mask[1] == self.net[1]
+            && ip[2] & self.mask[2] == self.net[2]
+            && ip[3] & self.mask[3] == self.net[3]
+    }
+}
+
+/// How a sidecar pod's traffic is captured (Istio's defaults: 15001, 15006, uid 1337).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Sidecar {
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// Connects made by this uid (the proxy's) are never captured outbound.
+    pub proxy_uid: u32,
+    /// Destination ports never captured outbound; 0 = unused slot.
+    pub exclude_outbound_ports: [u16; SIDECAR_MAX_PORTS],
+    /// Pod ports never captured inbound; 0 = unused slot.
+    pub exclude_inbound_ports: [u16; SIDECAR_MAX_PORTS],
+    /// Number of used slots in `exclude_cidrs`.
+    pub cidr_count: u32,
+    pub _pad: u32,
+    /// Destinations never captured outbound.
+    pub exclude_cidrs: [Cidr; SIDECAR_MAX_CIDRS],
+}
+const _: () = assert!(size_of::<Sidecar>() == 8 + 32 + 8 + 32 * SIDECAR_MAX_CIDRS);
+
+/// Key of the reverse-translation map: a socket and the peer address the kernel sees.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNatKey {
+    pub cookie: u64,
+    pub peer: Addr,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<RevNatKey>() == 32);
 
 /// A pod IP on this node and the network namespace it lives in.
 #[repr(C)]
@@ -206,10 +375,48 @@ counters! {
     SockPeerOnStack = 18, "sock_peer_on_stack";
     /// Clients taken back out of the SOCKHASH because their accepted peer could not join it.
     SockPeerEvicted = 19, "sock_peer_evicted";
+    /// Connects (TCP, connected UDP) to a service VIP translated to a backend.
+    SvcConnectTranslated = 20, "svc_connect_translated";
+    /// UDP datagrams to a service VIP translated to a backend at sendmsg.
+    SvcDatagramTranslated = 21, "svc_datagram_translated";
+    /// Connects or datagrams to a service without backends, refused with ECONNREFUSED.
+    SvcNoBackend = 22, "svc_no_backend";
+    /// A backend slot was missing (the table changed under the lookup); refused.
+    SvcBackendMissing = 23, "svc_backend_missing";
+    /// Outbound TCP connects of sidecar pods sent to their proxy's outbound port.
+    CaptureOutbound = 24, "capture_outbound";
+    /// Connects to a sidecar pod of this node sent to its proxy's inbound port.
+    CaptureInbound = 25, "capture_inbound";
+    /// Not captured: the connect came from the proxy's uid.
+    CaptureSkipProxyUid = 26, "capture_skip_proxy_uid";
+    /// Not captured: the destination port is excluded.
+    CaptureSkipExcludedPort = 27, "capture_skip_excluded_port";
+    /// Not captured: the destination is in an excluded CIDR.
+    CaptureSkipExcludedCidr = 28, "capture_skip_excluded_cidr";
+    /// Not captured: the destination is loopback.
+    CaptureSkipLoopback = 29, "capture_skip_loopback";
+    /// Not captured: the destination is the pod itself.
+    CaptureSkipOwnPod = 30, "capture_skip_own_pod";
+    /// Not captured inbound: the pod's port is excluded.
+    CaptureSkipExcludedInboundPort = 31, "capture_skip_excluded_inbound_port";
+    /// Not captured: the sidecar pod has no sidecar settings (enrollment in progress).
+    CaptureSkipNoSettings = 32, "capture_skip_no_settings";
+    /// The original destination of a captured connect could not be stored; the connect goes
+    /// to its original destination instead (fail open).
+    OrigDstStoreError = 33, "orig_dst_store_error";
+    /// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` answered from the map.
+    OrigDstServed = 34, "orig_dst_served";
+    /// `SO_ORIGINAL_DST` asked on a socket meshlane knows nothing of (left to the kernel).
+    OrigDstMiss = 35, "orig_dst_miss";
+    /// A reverse-translation entry could not be stored (getpeername / UDP replies would show
+    /// the backend).
+    RevNatStoreError = 36, "revnat_store_error";
+    /// getpeername or UDP recvmsg addresses turned back into the address the app asked for.
+    RevNatApplied = 37, "revnat_applied";
 }
 
 /// Size of the counter array; a new reason needs a new index below it.
-pub const COUNTER_SLOTS: u32 = 32;
+pub const COUNTER_SLOTS: u32 = 64;
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
 
 #[cfg(feature = "user")]
@@ -221,6 +428,13 @@ mod user {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for SockStats {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for Sidecar {}
+    unsafe impl aya::Pod for RevNatKey {}
 }
 
 #[cfg(test)]

@@ -4,14 +4,19 @@
 //!   the SOCKHASH.
 //! - `sk_msg` (sk_msg on the SOCKHASH): hands each message to the peer socket when the peer is a
 //!   local, enrolled socket; everything else goes to the stack.
+//! - `sock_addr` (cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6): Service
+//!   translation and sidecar capture at connect time, and the reverse view for the application.
+//! - `getsockopt` (cgroup/getsockopt): `SO_ORIGINAL_DST` for captured connections.
 //!
 //! These programs must never drop traffic: every error path passes to the stack and counts why.
 #![no_std]
 #![no_main]
 
+mod getsockopt;
 mod key;
 mod maps;
 mod sk_msg;
+mod sock_addr;
 mod sockops;
 
 #[cfg(not(test))]

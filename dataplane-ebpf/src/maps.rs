@@ -3,11 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use dataplane_common::{
-    COUNTER_SLOTS, Config, ENDPOINTS_CAPACITY, Endpoint, NETNS_CAPACITY, NetnsInfo,
-    SOCK_STATS_CAPACITY, SOCKHASH_CAPACITY, SockKey, SockStats,
+    Addr, BACKENDS_CAPACITY, BackendKey, COUNTER_SLOTS, Config, ENDPOINTS_CAPACITY, Endpoint,
+    NETNS_CAPACITY, NetnsInfo, ORIG_CAPACITY, REVNAT_CAPACITY, RevNatKey, SERVICES_CAPACITY,
+    SOCK_STATS_CAPACITY, SOCKHASH_CAPACITY, Service, ServiceKey, ServiceStats, Sidecar, SockKey,
+    SockStats,
 };
 
 /// Established sockets of enrolled namespaces. Written by `sockops` (insert on establishment);
@@ -42,6 +44,39 @@ pub static ML_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0)
 /// Runtime switches (index 0). Written by the agent; read by `sk_msg`.
 #[map(name = "ML_CONFIG")]
 pub static ML_CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// The service table. Written by the agent (services file, later the controller); read by the
+/// connect and sendmsg programs.
+#[map(name = "ML_SERVICES")]
+pub static ML_SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(SERVICES_CAPACITY, 0);
+
+/// Backend sets. Written by the agent, new set before the service entry that points to it;
+/// read by the connect and sendmsg programs.
+#[map(name = "ML_BACKENDS")]
+pub static ML_BACKENDS: HashMap<BackendKey, Addr> = HashMap::pinned(BACKENDS_CAPACITY, 0);
+
+/// Per-service counters indexed by `Service::id`. Written by the connect and sendmsg programs;
+/// read (and reset when an id is reused) by the agent.
+#[map(name = "ML_SVC_STATS")]
+pub static ML_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(SERVICES_CAPACITY, 0);
+
+/// Sidecar settings per netns. Written by the agent (pod add with a sidecar); read by connect.
+#[map(name = "ML_SIDECARS")]
+pub static ML_SIDECARS: HashMap<u64, Sidecar> = HashMap::pinned(NETNS_CAPACITY, 0);
+
+/// Captured connects waiting to be established: socket cookie → original destination. Written
+/// by connect, moved to `ML_ORIG_DST` by sockops when the connection is established.
+#[map(name = "ML_ORIG_PENDING")]
+pub static ML_ORIG_PENDING: LruHashMap<u64, Addr> = LruHashMap::pinned(ORIG_CAPACITY, 0);
+
+/// Original destinations by the accepting socket's key. Written by sockops (active side),
+/// deleted by sockops when the accepting socket closes; read by getsockopt.
+#[map(name = "ML_ORIG_DST")]
+pub static ML_ORIG_DST: LruHashMap<SockKey, Addr> = LruHashMap::pinned(ORIG_CAPACITY, 0);
+
+/// Reverse translation for getpeername and UDP recvmsg. Written by connect and sendmsg.
+#[map(name = "ML_REVNAT")]
+pub static ML_REVNAT: LruHashMap<RevNatKey, Addr> = LruHashMap::pinned(REVNAT_CAPACITY, 0);
 
 #[inline(always)]
 pub fn count(counter: dataplane_common::Counter, n: u64) {

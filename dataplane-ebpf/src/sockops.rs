@@ -10,15 +10,18 @@ use aya_ebpf::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::generated::bpf_get_netns_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use dataplane_common::{Counter, SockKey, SockStats, netns_flags};
+use dataplane_common::{Counter, SockKey, SockStats, is_loopback, netns_flags};
 
 use crate::{
     key::{raw_tuple, sock_key},
-    maps::{ML_NETNS, ML_SOCK_STATS, ML_SOCKS, accel_allowed, count, evict, peer_netns},
+    maps::{
+        ML_ENDPOINTS, ML_NETNS, ML_ORIG_DST, ML_ORIG_PENDING, ML_SOCK_STATS, ML_SOCKS,
+        accel_allowed, count, evict, peer_netns,
+    },
 };
 
 /// The return value that tells the kernel the program ran fine; 0 would turn some operations
@@ -39,13 +42,20 @@ pub fn ml_sockops(ctx: SockOpsContext) -> u32 {
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), Counter> {
     match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            hand_over_original_dst(ctx);
+            on_established(ctx)
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            watch_captured(ctx);
             on_established(ctx)
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             if let Some(key) = key_of(ctx) {
-                // Missing entries are fine: the socket may never have been inserted.
+                // Missing entries are fine: the socket may never have been inserted, or
+                // captured.
                 let _absent_is_fine: Result<(), i32> = ML_SOCK_STATS.remove(&key);
+                let _absent_is_fine: Result<(), i32> = ML_ORIG_DST.remove(&key);
             }
             Ok(())
         }
@@ -59,6 +69,54 @@ fn key_of(ctx: &SockOpsContext) -> Option<SockKey> {
     // SAFETY: bpf_get_netns_cookie is allowed for sock_ops since Linux 5.15.
     let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
     sock_key(netns, &t)
+}
+
+/// A captured connect is established: its original destination, kept by the connect program
+/// under the socket cookie, moves to the key the accepting socket (the proxy's) will have, where
+/// the getsockopt program finds it. The proxy is on loopback in this netns (outbound capture) or
+/// a pod of this node (inbound capture). This runs before the accepting side can accept: the
+/// client handles the SYN-ACK before its ACK completes the handshake.
+fn hand_over_original_dst(ctx: &SockOpsContext) {
+    // SAFETY: bpf_get_socket_cookie is allowed for sock_ops.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: a hash lookup; the value is copied out at once.
+    let Some(orig) = (unsafe { ML_ORIG_PENDING.get(&cookie) }).copied() else {
+        return;
+    };
+    let _gone_is_fine: Result<(), i32> = ML_ORIG_PENDING.remove(&cookie);
+    let Some(key) = key_of(ctx) else {
+        return;
+    };
+    let peer_netns = if is_loopback(&key.remote_ip) {
+        key.netns
+    } else {
+        // SAFETY: a hash lookup; the value is copied out at once.
+        match unsafe { ML_ENDPOINTS.get(&key.remote_ip) }.copied() {
+            Some(ep) => ep.netns,
+            None => {
+                count(Counter::OrigDstStoreError, 1);
+                return;
+            }
+        }
+    };
+    if ML_ORIG_DST
+        .insert(&key.peer(peer_netns), &orig, BPF_ANY as u64)
+        .is_err()
+    {
+        count(Counter::OrigDstStoreError, 1);
+    }
+}
+
+/// An accepted socket of a captured connection asks for its close callback, so its original
+/// destination leaves the map with it (the map is an LRU as well, as a backstop).
+fn watch_captured(ctx: &SockOpsContext) {
+    if let Some(key) = key_of(ctx)
+        // SAFETY: a hash lookup; only presence is used.
+        && unsafe { ML_ORIG_DST.get(&key) }.is_some()
+    {
+        let _kept_until_lru_eviction: Result<(), i32> =
+            ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
 }
 
 /// Puts an established socket into the SOCKHASH when its connection can be redirected.

@@ -17,7 +17,8 @@ use crate::{
     api::Request,
     dataplane::{AttachedProgram, Dataplane},
     selftest::SelfTestReport,
-    state::{Pod, State, ip_key, validate_pod_ip, validate_pod_name},
+    service_table::{ServiceTable, ServicesSummary},
+    state::{Pod, SidecarSpec, State, ip_key, validate_pod_ip, validate_pod_name},
     sys,
 };
 
@@ -26,6 +27,7 @@ pub struct Agent {
     pub state: State,
     pub state_path: PathBuf,
     pub selftest: SelfTestReport,
+    pub services: ServiceTable,
     /// Cookies of namespaces that must never be enrolled: the agent's own and PID 1's.
     host_cookies: Vec<u64>,
 }
@@ -52,8 +54,15 @@ pub struct Status {
     pub accel_wanted: bool,
     pub pods: usize,
     pub sockhash_sockets: usize,
+    pub sidecar_pods: usize,
+    pub services: ServicesSummary,
+    /// The first services of the table with their counters (`meshlane services` lists all).
+    pub service_table: Vec<crate::service_table::ServiceView>,
     pub counters: BTreeMap<&'static str, u64>,
 }
+
+/// Services shown in `status`; the full table is one `services` request away.
+const STATUS_SERVICES: usize = 20;
 
 /// A socket in the fast path, as `meshlane sockets` shows it.
 #[derive(Debug, Serialize)]
@@ -66,7 +75,7 @@ pub struct SocketView {
     pub stack_bytes: u64,
 }
 
-fn key_addr(ip: [u32; 4], port: u32) -> SocketAddr {
+pub(crate) fn key_addr(ip: [u32; 4], port: u32) -> SocketAddr {
     let mut o = [0u8; 16];
     for (i, w) in ip.iter().enumerate() {
         o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
@@ -83,7 +92,13 @@ pub struct Uninstalled {
 }
 
 impl Agent {
-    pub fn new(dp: Dataplane, state: State, state_path: PathBuf, selftest: SelfTestReport) -> Self {
+    pub fn new(
+        dp: Dataplane,
+        state: State,
+        state_path: PathBuf,
+        selftest: SelfTestReport,
+        services: ServiceTable,
+    ) -> Self {
         let mut host_cookies = Vec::new();
         if let Ok(c) = sys::current_netns_cookie() {
             host_cookies.push(c);
@@ -96,6 +111,7 @@ impl Agent {
             state,
             state_path,
             selftest,
+            services,
             host_cookies,
         }
     }
@@ -127,6 +143,11 @@ impl Agent {
                 self.dp.del_endpoint(ip)?;
             }
         }
+        for (cookie, _) in self.dp.sidecar_entries() {
+            if wanted.get(&cookie).is_none_or(|p| p.sidecar.is_none()) {
+                self.dp.del_sidecar(cookie)?;
+            }
+        }
         let pods = self.state.pods.clone();
         for p in &pods {
             self.enroll_maps(p)?;
@@ -143,8 +164,13 @@ impl Agent {
 
     pub fn handle(&mut self, req: Request) -> Result<Value> {
         match req {
-            Request::PodAdd { netns, ips, name } => {
-                let pod = self.pod_add(&netns, &ips, name)?;
+            Request::PodAdd {
+                netns,
+                ips,
+                name,
+                sidecar,
+            } => {
+                let pod = self.pod_add(&netns, &ips, name, sidecar)?;
                 Ok(json!(pod))
             }
             Request::PodDel { netns, name } => {
@@ -154,6 +180,10 @@ impl Agent {
             Request::PodList => Ok(json!(self.state.pods)),
             Request::Sockets => Ok(json!(self.sockets())),
             Request::Status => Ok(json!(self.status()?)),
+            Request::Services => Ok(json!({
+                "summary": self.services.summary(),
+                "services": self.services.views(&self.dp),
+            })),
             Request::Accel { on } => {
                 let before = self.state.accel_wanted;
                 self.state.accel_wanted = on;
@@ -174,8 +204,17 @@ impl Agent {
         }
     }
 
-    fn pod_add(&mut self, netns: &Path, ips: &[IpAddr], name: Option<String>) -> Result<Pod> {
+    fn pod_add(
+        &mut self,
+        netns: &Path,
+        ips: &[IpAddr],
+        name: Option<String>,
+        sidecar: Option<SidecarSpec>,
+    ) -> Result<Pod> {
         let invalid = |m: String| Error::Invalid(format!("pod add: {m}"));
+        if let Some(sc) = &sidecar {
+            sc.validate().map_err(invalid)?;
+        }
         if !netns.is_absolute() {
             return Err(invalid(format!(
                 "netns path {} must be absolute",
@@ -238,6 +277,7 @@ impl Agent {
             netns: netns.to_path_buf(),
             netns_cookie: cookie,
             ips: ips.to_vec(),
+            sidecar,
         };
         if let Err(e) = self.enroll_maps(&pod) {
             self.unenroll_maps(&pod);
@@ -291,7 +331,12 @@ impl Agent {
     }
 
     fn enroll_maps(&mut self, pod: &Pod) -> Result<()> {
-        let flags = netns_flags::ACCELERATE;
+        let mut flags = netns_flags::ACCELERATE;
+        if let Some(sc) = &pod.sidecar {
+            // Settings before the flag that makes the programs look for them.
+            self.dp.put_sidecar(pod.netns_cookie, sc.to_map())?;
+            flags |= netns_flags::SIDECAR;
+        }
         for ip in &pod.ips {
             self.dp.put_endpoint(
                 ip_key(ip),
@@ -307,6 +352,7 @@ impl Agent {
             NetnsInfo {
                 flags,
                 pod_id: pod.id,
+                addr: pod.ips.first().map(ip_key).unwrap_or_default(),
             },
         )
     }
@@ -317,6 +363,9 @@ impl Agent {
     fn unenroll_maps(&mut self, pod: &Pod) {
         if let Err(e) = self.dp.del_netns(pod.netns_cookie) {
             tracing::warn!(error = %e, "removing the netns entry");
+        }
+        if let Err(e) = self.dp.del_sidecar(pod.netns_cookie) {
+            tracing::warn!(error = %e, "removing the sidecar entry");
         }
         for ip in &pod.ips {
             if let Err(e) = self.dp.del_endpoint(ip_key(ip)) {
@@ -359,6 +408,13 @@ impl Agent {
             accel_wanted: self.state.accel_wanted,
             pods: self.state.pods.len(),
             sockhash_sockets: self.dp.sockhash_len(),
+            sidecar_pods: self.state.pods.iter().filter(|p| p.sidecar.is_some()).count(),
+            services: self.services.summary(),
+            service_table: {
+                let mut v = self.services.views(&self.dp);
+                v.truncate(STATUS_SERVICES);
+                v
+            },
             counters: self
                 .dp
                 .counters()?

@@ -30,6 +30,9 @@ pub enum Request {
         ips: Vec<IpAddr>,
         #[serde(default)]
         name: Option<String>,
+        /// Capture the pod's traffic for its sidecar proxy (Istio's model); absent: no capture.
+        #[serde(default)]
+        sidecar: Option<crate::state::SidecarSpec>,
     },
     /// Remove a pod, by netns path or by NAMESPACE/NAME.
     PodDel {
@@ -42,6 +45,8 @@ pub enum Request {
     /// Sockets in the fast path with their byte counters.
     Sockets,
     Status,
+    /// The whole service table with per-service counters.
+    Services,
     /// The kill switch.
     Accel {
         on: bool,
@@ -193,7 +198,8 @@ mod tests {
             Request::PodAdd {
                 netns: "/run/netns/a".into(),
                 ips: vec!["10.1.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
-                name: None
+                name: None,
+                sidecar: None,
             }
         );
     }

@@ -1,6 +1,8 @@
-//! The two BPF commands aya 0.14 does not expose for our use: opening a pinned object as a plain
-//! fd, and atomically replacing the program behind a link (`BPF_LINK_UPDATE`, Linux 5.7), which is
-//! how a restarted or upgraded agent swaps in its programs without a moment of detachment.
+//! The BPF commands aya 0.14 does not expose for our use: opening a pinned object as a plain fd,
+//! atomically replacing the program behind a link (`BPF_LINK_UPDATE`, Linux 5.7) — how a restarted
+//! or upgraded agent swaps in its programs without a moment of detachment — and creating and
+//! pinning cgroup links for program types whose aya link cannot be turned into a pinnable
+//! `FdLink` (sock_addr, sockopt).
 
 use std::{
     ffi::CString,
@@ -8,10 +10,37 @@ use std::{
     path::Path,
 };
 
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
-/// `union bpf_attr` as used by BPF_OBJ_GET.
+/// `enum bpf_attach_type` values meshlane attaches to a cgroup.
+pub mod attach_type {
+    pub const CGROUP_SOCK_OPS: u32 = 3;
+    pub const CGROUP_INET4_CONNECT: u32 = 10;
+    pub const CGROUP_INET6_CONNECT: u32 = 11;
+    pub const CGROUP_UDP4_SENDMSG: u32 = 14;
+    pub const CGROUP_UDP6_SENDMSG: u32 = 15;
+    pub const CGROUP_UDP4_RECVMSG: u32 = 19;
+    pub const CGROUP_UDP6_RECVMSG: u32 = 20;
+    pub const CGROUP_GETSOCKOPT: u32 = 21;
+    pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
+    pub const CGROUP_INET6_GETPEERNAME: u32 = 30;
+}
+
+/// `union bpf_attr` as used by BPF_LINK_CREATE for a cgroup target.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 4],
+}
+
+/// `union bpf_attr` as used by BPF_OBJ_GET and BPF_OBJ_PIN.
 #[repr(C)]
 #[derive(Default)]
 struct ObjGetAttr {
@@ -50,11 +79,44 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     }
 }
 
+fn c_path(path: &Path) -> std::io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+}
+
+/// Attaches `prog` to the cgroup `target` as a bpf_link (which coexists with other programs on
+/// the cgroup) and returns the link.
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> std::io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: BPF_LINK_CREATE returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a BPF object at `path` on a bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+    let c = c_path(path)?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
 /// Opens a pinned BPF object (map, program or link).
 pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let c = c_path(path)?;
     let mut attr = ObjGetAttr {
         pathname: c.as_ptr() as u64,
         ..Default::default()

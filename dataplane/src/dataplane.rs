@@ -15,11 +15,13 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink},
+    programs::SkMsg,
 };
 use dataplane_common::{
-    ABI_VERSION, COUNTER_SLOTS, Config, Counter, ENDPOINTS_CAPACITY, Endpoint, NETNS_CAPACITY,
-    NetnsInfo, SockKey, SockStats, map_names, program_names,
+    ABI_VERSION, Addr, BACKENDS_CAPACITY, BackendKey, COUNTER_SLOTS, Config, Counter,
+    ENDPOINTS_CAPACITY, Endpoint, NETNS_CAPACITY, NetnsInfo, ORIG_CAPACITY, REVNAT_CAPACITY,
+    RevNatKey, SERVICES_CAPACITY, Service, ServiceKey, ServiceStats, Sidecar, SockKey, SockStats,
+    map_names, program_names,
 };
 use serde::Serialize;
 
@@ -59,51 +61,33 @@ fn stats_capacity(sockhash_capacity: u32) -> u32 {
     sockhash_capacity.saturating_mul(2)
 }
 
-fn layouts(sockhash_capacity: u32) -> [Layout; 6] {
+fn layouts(sockhash_capacity: u32) -> [Layout; 13] {
     use std::mem::size_of;
+    const fn l<K, V>(name: &'static str, ty: MapType, max_entries: u32) -> Layout {
+        Layout {
+            name,
+            ty,
+            key: size_of::<K>() as u32,
+            value: size_of::<V>() as u32,
+            max_entries,
+        }
+    }
+    use MapType::{Array as A, Hash as H, LruHash as Lru, PerCpuArray as Pc, SockHash as Sh};
     [
-        Layout {
-            name: map_names::SOCKHASH,
-            ty: MapType::SockHash,
-            key: size_of::<SockKey>() as u32,
-            value: 4,
-            max_entries: sockhash_capacity,
-        },
-        Layout {
-            name: map_names::NETNS,
-            ty: MapType::Hash,
-            key: 8,
-            value: size_of::<NetnsInfo>() as u32,
-            max_entries: NETNS_CAPACITY,
-        },
-        Layout {
-            name: map_names::ENDPOINTS,
-            ty: MapType::Hash,
-            key: 16,
-            value: size_of::<Endpoint>() as u32,
-            max_entries: ENDPOINTS_CAPACITY,
-        },
-        Layout {
-            name: map_names::SOCK_STATS,
-            ty: MapType::Hash,
-            key: size_of::<SockKey>() as u32,
-            value: size_of::<SockStats>() as u32,
-            max_entries: stats_capacity(sockhash_capacity),
-        },
-        Layout {
-            name: map_names::COUNTERS,
-            ty: MapType::PerCpuArray,
-            key: 4,
-            value: 8,
-            max_entries: COUNTER_SLOTS,
-        },
-        Layout {
-            name: map_names::CONFIG,
-            ty: MapType::Array,
-            key: 4,
-            value: size_of::<Config>() as u32,
-            max_entries: 1,
-        },
+        // A SOCKHASH value is the socket's fd (4 bytes) on the user side.
+        l::<SockKey, u32>(map_names::SOCKHASH, Sh, sockhash_capacity),
+        l::<u64, NetnsInfo>(map_names::NETNS, H, NETNS_CAPACITY),
+        l::<[u32; 4], Endpoint>(map_names::ENDPOINTS, H, ENDPOINTS_CAPACITY),
+        l::<SockKey, SockStats>(map_names::SOCK_STATS, H, stats_capacity(sockhash_capacity)),
+        l::<u32, u64>(map_names::COUNTERS, Pc, COUNTER_SLOTS),
+        l::<u32, Config>(map_names::CONFIG, A, 1),
+        l::<ServiceKey, Service>(map_names::SERVICES, H, SERVICES_CAPACITY),
+        l::<BackendKey, Addr>(map_names::BACKENDS, H, BACKENDS_CAPACITY),
+        l::<u32, ServiceStats>(map_names::SVC_STATS, Pc, SERVICES_CAPACITY),
+        l::<u64, Sidecar>(map_names::SIDECARS, H, NETNS_CAPACITY),
+        l::<u64, Addr>(map_names::ORIG_PENDING, Lru, ORIG_CAPACITY),
+        l::<SockKey, Addr>(map_names::ORIG_DST, Lru, ORIG_CAPACITY),
+        l::<RevNatKey, Addr>(map_names::REVNAT, Lru, REVNAT_CAPACITY),
     ]
 }
 
@@ -124,8 +108,8 @@ impl PinPaths {
             root,
         }
     }
-    pub fn sockops_link(&self) -> PathBuf {
-        self.links.join(program_names::SOCKOPS)
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links.join(program)
     }
 }
 
@@ -149,6 +133,10 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
     socks: SockHash<MapData, SockKey>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: HashMap<MapData, BackendKey, Addr>,
+    svc_stats: PerCpuArray<MapData, ServiceStats>,
+    sidecars: HashMap<MapData, u64, Sidecar>,
     pub programs: Vec<AttachedProgram>,
     /// Whether maps from an earlier agent were found and reused.
     pub reused_pins: bool,
@@ -215,7 +203,12 @@ impl Dataplane {
         }
         let reused_pins = check_pins(&pins, options.sockhash_capacity)?;
 
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if std::env::var_os("MESHLANE_VERIFIER_LOG").is_some() {
+            // Full verifier logs in load errors, for diagnosing a kernel that refuses a program.
+            loader.verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
+        }
+        let mut ebpf = loader
             .default_map_pin_directory(&pins.maps)
             .map_max_entries(map_names::SOCKHASH, options.sockhash_capacity)
             .map_max_entries(
@@ -225,7 +218,9 @@ impl Dataplane {
             .load(EBPF_ELF)?;
 
         let mut programs = Vec::new();
-        programs.push(attach_sockops(&mut ebpf, &pins, &options.cgroup)?);
+        for p in CGROUP_PROGRAMS {
+            programs.push(attach_cgroup(&mut ebpf, &pins, &options.cgroup, p)?);
+        }
 
         let netns = take(&mut ebpf, map_names::NETNS)?;
         let endpoints = take(&mut ebpf, map_names::ENDPOINTS)?;
@@ -234,6 +229,10 @@ impl Dataplane {
         let config = take(&mut ebpf, map_names::CONFIG)?;
         let socks: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::SOCKHASH)?;
         programs.push(attach_sk_msg(&mut ebpf, &socks)?);
+        let services = take(&mut ebpf, map_names::SERVICES)?;
+        let backends = take(&mut ebpf, map_names::BACKENDS)?;
+        let svc_stats = take(&mut ebpf, map_names::SVC_STATS)?;
+        let sidecars = take(&mut ebpf, map_names::SIDECARS)?;
 
         Ok(Dataplane {
             _ebpf: ebpf,
@@ -245,6 +244,10 @@ impl Dataplane {
             counters,
             config,
             socks,
+            services,
+            backends,
+            svc_stats,
+            sidecars,
             programs,
             reused_pins,
         })
@@ -345,66 +348,159 @@ impl Dataplane {
         self.stats.iter().filter_map(|r| r.ok()).collect()
     }
 
+    pub fn service_entries(&self) -> Vec<(ServiceKey, Service)> {
+        self.services.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn put_service(&mut self, key: ServiceKey, svc: Service) -> Result<()> {
+        self.services.insert(key, svc, 0).map_err(|source| Error::Map {
+            name: map_names::SERVICES,
+            source,
+        })
+    }
+
+    pub fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        ignore_missing(self.services.remove(key), map_names::SERVICES)
+    }
+
+    pub fn put_backend(&mut self, key: BackendKey, addr: Addr) -> Result<()> {
+        self.backends.insert(key, addr, 0).map_err(|source| Error::Map {
+            name: map_names::BACKENDS,
+            source,
+        })
+    }
+
+    pub fn del_backend(&mut self, key: &BackendKey) -> Result<()> {
+        ignore_missing(self.backends.remove(key), map_names::BACKENDS)
+    }
+
+    pub fn backend_keys(&self) -> Vec<BackendKey> {
+        self.backends.keys().filter_map(|r| r.ok()).collect()
+    }
+
+    /// A service's counters summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> Result<ServiceStats> {
+        let per_cpu = self.svc_stats.get(&id, 0).map_err(|source| Error::Map {
+            name: map_names::SVC_STATS,
+            source,
+        })?;
+        Ok(per_cpu.iter().fold(ServiceStats::default(), |a, s| ServiceStats {
+            connects: a.connects + s.connects,
+            datagrams: a.datagrams + s.datagrams,
+            refused: a.refused + s.refused,
+        }))
+    }
+
+    /// Zeroes a service id's counters before the id is given to another service.
+    pub fn reset_service_stats(&mut self, id: u32) -> Result<()> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs", "/sys/devices/system/cpu/possible", e))?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![ServiceStats::default(); n])
+            .map_err(|e| Error::io("building per-CPU values", map_names::SVC_STATS, e))?;
+        self.svc_stats.set(id, zero, 0).map_err(|source| Error::Map {
+            name: map_names::SVC_STATS,
+            source,
+        })
+    }
+
+    pub fn put_sidecar(&mut self, netns: u64, sc: Sidecar) -> Result<()> {
+        self.sidecars.insert(netns, sc, 0).map_err(|source| Error::Map {
+            name: map_names::SIDECARS,
+            source,
+        })
+    }
+
+    pub fn del_sidecar(&mut self, netns: u64) -> Result<()> {
+        ignore_missing(self.sidecars.remove(&netns), map_names::SIDECARS)
+    }
+
+    pub fn sidecar_entries(&self) -> Vec<(u64, Sidecar)> {
+        self.sidecars.iter().filter_map(|r| r.ok()).collect()
+    }
+
     /// Number of sockets currently in the SOCKHASH.
     pub fn sockhash_len(&self) -> usize {
         self.socks.keys().filter(|k| k.is_ok()).count()
     }
 }
 
-/// Attaches (or, after a restart, swaps into the pinned link) the sockops program.
-fn attach_sockops(ebpf: &mut Ebpf, pins: &PinPaths, cgroup: &Path) -> Result<AttachedProgram> {
-    let name = program_names::SOCKOPS;
-    let prog: &mut SockOps = ebpf
+/// The cgroup programs, where they attach, and how `meshlane status` describes them.
+const CGROUP_PROGRAMS: [(&str, u32, &str); 10] = {
+    use bpf_sys::attach_type as at;
+    [
+        (program_names::SOCKOPS, at::CGROUP_SOCK_OPS, "cgroup_sock_ops"),
+        (program_names::CONNECT4, at::CGROUP_INET4_CONNECT, "cgroup/connect4"),
+        (program_names::CONNECT6, at::CGROUP_INET6_CONNECT, "cgroup/connect6"),
+        (program_names::SENDMSG4, at::CGROUP_UDP4_SENDMSG, "cgroup/sendmsg4"),
+        (program_names::SENDMSG6, at::CGROUP_UDP6_SENDMSG, "cgroup/sendmsg6"),
+        (program_names::RECVMSG4, at::CGROUP_UDP4_RECVMSG, "cgroup/recvmsg4"),
+        (program_names::RECVMSG6, at::CGROUP_UDP6_RECVMSG, "cgroup/recvmsg6"),
+        (program_names::GETPEERNAME4, at::CGROUP_INET4_GETPEERNAME, "cgroup/getpeername4"),
+        (program_names::GETPEERNAME6, at::CGROUP_INET6_GETPEERNAME, "cgroup/getpeername6"),
+        (program_names::GETSOCKOPT, at::CGROUP_GETSOCKOPT, "cgroup/getsockopt"),
+    ]
+};
+
+/// Loads a cgroup program and attaches it through a pinned bpf_link, or, when an earlier agent
+/// left the link, swaps the new program into it in one step (BPF_LINK_UPDATE), so sockets
+/// connecting right now are handled by one program or the other, never by neither. A cgroup
+/// bpf_link coexists with other programs on the cgroup.
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    pins: &PinPaths,
+    cgroup: &Path,
+    (name, attach_type, what): (&'static str, u32, &str),
+) -> Result<AttachedProgram> {
+    use aya::programs::Program;
+    let prog = ebpf
         .program_mut(name)
-        .ok_or_else(|| Error::Invalid(format!("the ELF has no program {name}")))?
-        .try_into()
-        .map_err(|source| Error::Program { name, source })?;
-    prog.load()
-        .map_err(|source| Error::Program { name, source })?;
+        .ok_or_else(|| Error::Invalid(format!("the ELF has no program {name}")))?;
+    match prog {
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSockopt(p) => p.load(),
+        other => {
+            return Err(Error::Invalid(format!(
+                "program {name} has unexpected type {:?}",
+                other.prog_type()
+            )));
+        }
+    }
+    .map_err(|source| Error::Program { name, source })?;
     let id = prog
         .info()
         .map_err(|source| Error::Program { name, source })?
         .id();
-    let link_path = pins.sockops_link();
-    let attach = format!("cgroup_sock_ops {} (bpf_link)", cgroup.display());
+    let prog_fd = prog
+        .fd()
+        .map_err(|source| Error::Program { name, source })?;
+    let link_path = pins.link(name);
     if link_path.exists() {
-        // A previous agent left its link: replace its program in one step, so sockets being
-        // established right now are handled by one program or the other, never by neither.
         let link = bpf_sys::obj_get(&link_path)
             .map_err(|e| Error::io("opening the pinned link", &link_path, e))?;
-        let prog_fd = prog
-            .fd()
-            .map_err(|source| Error::Program { name, source })?;
         bpf_sys::link_update(link.as_fd(), prog_fd.as_fd())
             .map_err(|e| Error::io("BPF_LINK_UPDATE", &link_path, e))?;
-        tracing::info!(link = %link_path.display(), "reused the pinned sockops link");
+        tracing::debug!(link = %link_path.display(), "reused the pinned link");
     } else {
         let cg = File::open(cgroup).map_err(|e| Error::io("opening the cgroup", cgroup, e))?;
-        let link_id = prog
-            // A cgroup bpf_link always coexists with other programs on the cgroup (links are
-            // multi-attach by nature) and the kernel refuses BPF_F_ALLOW_MULTI in
-            // link_create.flags, so the mode here must be the flag-less one.
-            .attach(&cg, CgroupAttachMode::Single)
-            .map_err(|source| Error::Program { name, source })?;
-        let link = prog
-            .take_link(link_id)
-            .map_err(|source| Error::Program { name, source })?;
-        let link: FdLink = link.try_into().map_err(|source| Error::Link {
-            path: link_path.clone(),
-            source,
-        })?;
-        link.pin(&link_path).map_err(|source| Error::Pin {
-            path: link_path.clone(),
-            source,
-        })?;
-        tracing::info!(cgroup = %cgroup.display(), "attached sockops");
+        let link = bpf_sys::link_create(prog_fd.as_fd(), cg.as_fd(), attach_type)
+            .map_err(|e| Error::io("attaching a program to the cgroup", cgroup, e))?;
+        bpf_sys::obj_pin(link.as_fd(), &link_path)
+            .map_err(|e| Error::io("pinning the link", &link_path, e))?;
+        tracing::debug!(cgroup = %cgroup.display(), program = name, "attached");
     }
     Ok(AttachedProgram {
         name: name.into(),
         id,
-        attach,
+        attach: format!("{what} {} (bpf_link)", cgroup.display()),
         pinned_link: Some(link_path),
     })
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>, name: &'static str) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(Error::Map { name, source }),
+    }
 }
 
 /// Attaches sk_msg to the SOCKHASH. This is a map attachment, not a link: the map keeps the

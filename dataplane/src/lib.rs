@@ -14,6 +14,8 @@ mod error;
 pub mod metrics;
 pub mod selftest;
 pub mod server;
+pub mod service_table;
+pub mod services;
 pub mod state;
 pub mod sys;
 

@@ -123,6 +123,7 @@ fn drive(
         NetnsInfo {
             flags: netns_flags::ACCELERATE | netns_flags::SELFTEST,
             pod_id: 0,
+            addr: [0; 4],
         },
     ) {
         return SelfTestReport::failed(format!("enrolling the self-test netns: {e}"), vec![]);

@@ -20,6 +20,136 @@ pub struct Pod {
     pub netns: PathBuf,
     pub netns_cookie: u64,
     pub ips: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarSpec>,
+}
+
+/// How a sidecar pod's traffic is captured. The defaults are Istio's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarSpec {
+    /// The proxy's outbound listener, where the application's connects are sent.
+    #[serde(default = "default_outbound_port")]
+    pub outbound_port: u16,
+    /// The proxy's inbound listener, where connects from other pods of the node are sent.
+    #[serde(default = "default_inbound_port")]
+    pub inbound_port: u16,
+    /// The proxy's uid: its own connects are never captured.
+    #[serde(default = "default_proxy_uid")]
+    pub proxy_uid: u32,
+    /// Destination ports the application reaches directly.
+    #[serde(default)]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Pod ports other pods reach directly.
+    #[serde(default)]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Destinations the application reaches directly.
+    #[serde(default)]
+    pub exclude_cidrs: Vec<ipnet::IpNet>,
+}
+
+fn default_outbound_port() -> u16 {
+    15001
+}
+fn default_inbound_port() -> u16 {
+    15006
+}
+fn default_proxy_uid() -> u32 {
+    1337
+}
+
+impl Default for SidecarSpec {
+    fn default() -> Self {
+        SidecarSpec {
+            outbound_port: default_outbound_port(),
+            inbound_port: default_inbound_port(),
+            proxy_uid: default_proxy_uid(),
+            exclude_outbound_ports: Vec::new(),
+            exclude_inbound_ports: Vec::new(),
+            exclude_cidrs: Vec::new(),
+        }
+    }
+}
+
+impl SidecarSpec {
+    /// Checks every field; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        use dataplane_common::{SIDECAR_MAX_CIDRS, SIDECAR_MAX_PORTS};
+        for (field, port) in [
+            ("outbound_port", self.outbound_port),
+            ("inbound_port", self.inbound_port),
+        ] {
+            if port == 0 {
+                return Err(format!("sidecar.{field} must be 1-65535, not 0"));
+            }
+        }
+        if self.outbound_port == self.inbound_port {
+            return Err(format!(
+                "sidecar.outbound_port and sidecar.inbound_port are both {}; they must differ",
+                self.outbound_port
+            ));
+        }
+        if self.proxy_uid == 0 {
+            return Err(
+                "sidecar.proxy_uid must not be 0: root's connects would never be captured".into(),
+            );
+        }
+        for (field, ports) in [
+            ("exclude_outbound_ports", &self.exclude_outbound_ports),
+            ("exclude_inbound_ports", &self.exclude_inbound_ports),
+        ] {
+            if ports.len() > SIDECAR_MAX_PORTS {
+                return Err(format!(
+                    "sidecar.{field} has {} ports; at most {SIDECAR_MAX_PORTS} are supported",
+                    ports.len()
+                ));
+            }
+            if let Some(i) = ports.iter().position(|&p| p == 0) {
+                return Err(format!("sidecar.{field}[{i}] is 0; ports are 1-65535"));
+            }
+        }
+        if self.exclude_cidrs.len() > SIDECAR_MAX_CIDRS {
+            return Err(format!(
+                "sidecar.exclude_cidrs has {} entries; at most {SIDECAR_MAX_CIDRS} are supported",
+                self.exclude_cidrs.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The map form the connect program reads.
+    pub fn to_map(&self) -> dataplane_common::Sidecar {
+        let mut sc = dataplane_common::Sidecar {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            proxy_uid: self.proxy_uid,
+            cidr_count: self.exclude_cidrs.len() as u32,
+            ..Default::default()
+        };
+        for (slot, p) in sc.exclude_outbound_ports.iter_mut().zip(&self.exclude_outbound_ports) {
+            *slot = *p;
+        }
+        for (slot, p) in sc.exclude_inbound_ports.iter_mut().zip(&self.exclude_inbound_ports) {
+            *slot = *p;
+        }
+        for (slot, net) in sc.exclude_cidrs.iter_mut().zip(&self.exclude_cidrs) {
+            let net = net.trunc();
+            let mask = match net {
+                ipnet::IpNet::V4(n) => IpAddr::V4(n.netmask()),
+                ipnet::IpNet::V6(n) => IpAddr::V6(n.netmask()),
+            };
+            let mut m = ip_key(&mask);
+            if net.addr().is_ipv4() {
+                // The IPv4-mapped prefix (::ffff:0:0/96) must match exactly too.
+                m[0] = u32::MAX;
+                m[1] = u32::MAX;
+                m[2] = u32::MAX;
+            }
+            slot.net = ip_key(&net.addr());
+            slot.mask = m;
+        }
+        sc
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -180,6 +310,7 @@ mod tests {
             netns: "/run/netns/x".into(),
             netns_cookie: 42,
             ips: vec!["10.0.0.2".parse().unwrap()],
+            sidecar: Some(SidecarSpec::default()),
         });
         s.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), s);

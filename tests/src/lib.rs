@@ -417,10 +417,20 @@ impl Lab {
 
     /// Enrolls a pod through the API.
     pub fn enroll(&self, pod: &Pod) -> Result<Value> {
+        self.enroll_with(pod, None)
+    }
+
+    /// Enrolls a pod, with sidecar capture when `sidecar` is given.
+    pub fn enroll_with(
+        &self,
+        pod: &Pod,
+        sidecar: Option<meshlane::state::SidecarSpec>,
+    ) -> Result<Value> {
         self.call(&Request::PodAdd {
             netns: pod.netns_path.clone(),
             ips: vec![pod.ip.into(), pod.ip6.into()],
             name: Some(format!("lab/{}", pod.name)),
+            sidecar,
         })
     }
 

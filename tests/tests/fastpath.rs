@@ -509,6 +509,7 @@ fn identical_loopback_tuples_in_two_pods_never_meet() -> Result<()> {
             netns: "/proc/self/ns/net".into(),
             ips: vec!["10.77.0.99".parse()?],
             name: None,
+            sidecar: None,
         })
         .expect_err("enrolling the host netns must fail");
     assert!(err.to_string().contains("host"), "{err}");

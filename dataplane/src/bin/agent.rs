@@ -12,6 +12,7 @@ use meshlane::{
     agent::Agent,
     dataplane::{Dataplane, DataplaneOptions},
     defaults, metrics, selftest, server,
+    service_table::ServiceTable,
     state::State,
     sys,
 };
@@ -40,6 +41,10 @@ struct Args {
     #[arg(long, env = "MESHLANE_SOCKHASH_CAPACITY", default_value_t = dataplane_common::SOCKHASH_CAPACITY,
           value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
     sockhash_capacity: u32,
+    /// Services file (YAML, see the README): VIPs and their backends. Re-read when it changes;
+    /// a file with errors is refused and the previous table stays in force.
+    #[arg(long, env = "MESHLANE_SERVICES")]
+    services: Option<PathBuf>,
     /// Skip the self-test and keep redirect off (diagnostics only).
     #[arg(long, env = "MESHLANE_NO_SELFTEST")]
     no_selftest: bool,
@@ -81,7 +86,7 @@ fn run() -> anyhow::Result<()> {
     if let Some(pinned) = &state.cgroup
         && *pinned != cgroup
         && meshlane::dataplane::PinPaths::new(&args.bpffs)
-            .sockops_link()
+            .link(dataplane_common::program_names::SOCKOPS)
             .exists()
     {
         return Err(meshlane::Error::CgroupMismatch {
@@ -128,8 +133,15 @@ fn run() -> anyhow::Result<()> {
     let mut state = state;
     state.cgroup = Some(cgroup);
     state.save(&args.state_file)?;
-    let mut agent = Agent::new(dp, state, args.state_file.clone(), report);
+    if let Some(file) = &args.services
+        && !file.exists()
+    {
+        anyhow::bail!("--services {}: no such file", file.display());
+    }
+    let services = ServiceTable::adopt(&mut dp, args.services.clone())?;
+    let mut agent = Agent::new(dp, state, args.state_file.clone(), report, services);
     agent.reconcile()?;
+    poll_services(&mut agent);
     let on = agent.apply_accel()?;
     tracing::info!(accelerate = on, pods = agent.state.pods.len(), "ready");
 
@@ -148,6 +160,22 @@ fn run() -> anyhow::Result<()> {
         tokio::spawn(metrics::serve(metrics_listener, registry));
         let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(server::serve(api, agent.clone(), done_tx));
+        if args.services.is_some() {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SERVICES_POLL);
+                loop {
+                    tick.tick().await;
+                    let agent = agent.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Ok(mut a) = agent.lock() {
+                            poll_services(&mut a);
+                        }
+                    })
+                    .await;
+                }
+            });
+        }
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -161,4 +189,22 @@ fn run() -> anyhow::Result<()> {
     // Leave without running destructors of the runtime's tasks: the dataplane handle is dropped
     // with the process, and nothing it owns detaches what is pinned.
     std::process::exit(0)
+}
+
+/// How often the services file is checked for changes.
+const SERVICES_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn poll_services(agent: &mut Agent) {
+    let Agent { dp, services, .. } = agent;
+    match services.poll(dp) {
+        None => {}
+        Some(Ok(a)) => tracing::info!(
+            added = a.added,
+            changed = a.changed,
+            removed = a.removed,
+            unchanged = a.unchanged,
+            "service table loaded"
+        ),
+        Some(Err(msg)) => tracing::error!("{msg}"),
+    }
 }

@@ -6,7 +6,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use meshlane::{
     api::{Client, Request},
-    defaults,
+    defaults, services,
+    state::SidecarSpec,
 };
 use serde_json::Value;
 
@@ -37,6 +38,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The service table in force, with connects per service; `services check FILE` validates a
+    /// services file without an agent.
+    Services {
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: Option<ServicesCmd>,
+    },
     /// The kill switch: `accel off` sends all traffic through the stack at once.
     Accel {
         #[arg(value_parser = ["on", "off"])]
@@ -51,6 +60,51 @@ enum Cmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum ServicesCmd {
+    /// Validate a services file and print its table (or every error, with line and field).
+    Check { file: PathBuf },
+}
+
+/// Sidecar capture settings of `pod add` (Istio's defaults).
+#[derive(Debug, clap::Args)]
+struct SidecarArgs {
+    /// Capture the pod's TCP traffic for a sidecar proxy, without iptables.
+    #[arg(long)]
+    sidecar: bool,
+    /// The proxy's outbound listener.
+    #[arg(long, default_value_t = 15001, requires = "sidecar")]
+    outbound_port: u16,
+    /// The proxy's inbound listener.
+    #[arg(long, default_value_t = 15006, requires = "sidecar")]
+    inbound_port: u16,
+    /// The proxy's uid; its connects are not captured.
+    #[arg(long, default_value_t = 1337, requires = "sidecar")]
+    proxy_uid: u32,
+    /// Destination ports not captured (comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "sidecar")]
+    exclude_outbound_ports: Vec<u16>,
+    /// Pod ports not captured inbound (comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "sidecar")]
+    exclude_inbound_ports: Vec<u16>,
+    /// Destination CIDRs not captured (comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "sidecar")]
+    exclude_cidrs: Vec<ipnet::IpNet>,
+}
+
+impl SidecarArgs {
+    fn spec(self) -> Option<SidecarSpec> {
+        self.sidecar.then(|| SidecarSpec {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            proxy_uid: self.proxy_uid,
+            exclude_outbound_ports: self.exclude_outbound_ports,
+            exclude_inbound_ports: self.exclude_inbound_ports,
+            exclude_cidrs: self.exclude_cidrs,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
 enum PodCmd {
     /// Enroll a pod's network namespace and IPs.
     Add {
@@ -61,6 +115,8 @@ enum PodCmd {
         /// NAMESPACE/NAME
         #[arg(long)]
         name: Option<String>,
+        #[command(flatten)]
+        sidecar: SidecarArgs,
     },
     /// Remove a pod by netns path or by name.
     Del {
@@ -88,8 +144,18 @@ fn run() -> anyhow::Result<()> {
     let connect = || Client::connect(&args.api_socket, Duration::from_secs(60));
     match args.cmd {
         Cmd::Pod { cmd } => match cmd {
-            PodCmd::Add { netns, ips, name } => {
-                let v = connect()?.call(&Request::PodAdd { netns, ips, name })?;
+            PodCmd::Add {
+                netns,
+                ips,
+                name,
+                sidecar,
+            } => {
+                let v = connect()?.call(&Request::PodAdd {
+                    netns,
+                    ips,
+                    name,
+                    sidecar: sidecar.spec(),
+                })?;
                 println!("enrolled pod {}", v["id"]);
             }
             PodCmd::Del { netns, name } => {
@@ -132,6 +198,27 @@ fn run() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_status(&v);
+            }
+        }
+        Cmd::Services {
+            cmd: Some(ServicesCmd::Check { file }),
+            json,
+        } => {
+            let table = services::load(&file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&table)?);
+            } else {
+                let n: usize = table.iter().map(|s| s.backends.len()).sum();
+                println!("{}: {} services, {n} backends, valid", file.display(), table.len());
+            }
+        }
+        Cmd::Services { cmd: None, json } => {
+            let v = connect()?.call(&Request::Services)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_services_summary(&v["summary"]);
+                print_services(&v["services"]);
             }
         }
         Cmd::Accel { state } => {
@@ -208,16 +295,68 @@ fn print_status(v: &Value) {
     println!("programs:");
     for p in v["programs"].as_array().into_iter().flatten() {
         println!(
-            "  {:<12} id {:<6} {}",
+            "  {:<16} id {:<6} {}",
             p["name"].as_str().unwrap_or("?"),
             p["id"],
             p["attach"].as_str().unwrap_or("")
         );
     }
+    println!("sidecar pods:  {}", v["sidecar_pods"]);
+    print_services_summary(&v["services"]);
+    print_services(&v["service_table"]);
     println!("counters:");
     if let Some(m) = v["counters"].as_object() {
         for (k, n) in m {
             println!("  {k:<28} {n}");
         }
+    }
+}
+
+fn print_services_summary(s: &Value) {
+    println!(
+        "services:      {} services, {} backends, from {} ({} loads)",
+        s["services"],
+        s["backends"],
+        s["file"].as_str().unwrap_or("no file"),
+        s["loads"]
+    );
+    if let Some(e) = s["last_error"].as_str() {
+        println!("  last error (previous table in force):");
+        for l in e.lines() {
+            println!("    {l}");
+        }
+    }
+}
+
+fn print_services(v: &Value) {
+    let list = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    if list.is_empty() {
+        return;
+    }
+    println!(
+        "  {:<24} {:<28} {:<14} {:>9} {:>9} {:>8}  BACKENDS",
+        "NAME", "FRONTEND", "BALANCE", "CONNECTS", "DGRAMS", "REFUSED"
+    );
+    for s in list {
+        let backends: Vec<&str> = s["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "  {:<24} {:<28} {:<14} {:>9} {:>9} {:>8}  {}",
+            s["name"].as_str().unwrap_or("(adopted)"),
+            s["frontend"].as_str().unwrap_or("?"),
+            s["balance"].as_str().unwrap_or("-"),
+            s["connects"],
+            s["datagrams"],
+            s["refused"],
+            if backends.is_empty() {
+                "(none: connects refused)".to_string()
+            } else {
+                backends.join(",")
+            }
+        );
     }
 }
