@@ -26,6 +26,7 @@ use serde_json::Value;
 
 pub mod bench;
 pub mod probe;
+pub mod svc;
 
 const PREFIX: &str = "mlab-";
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -389,6 +390,26 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// A lab with `names` pods and a running agent whose self-test passed; the pods are
+    /// enrolled (without sidecars) if `enroll`.
+    pub fn with_agent(names: &[&str], enroll: bool, agent_args: &[&str]) -> Result<Lab> {
+        let mut lab = Lab::new()?;
+        for n in names {
+            lab.add_pod(n)?;
+        }
+        lab.start_agent(agent_args)?;
+        let st = lab.call(&Request::Status)?;
+        if st["selftest"]["passed"] != true {
+            bail!("the agent's self-test failed on this kernel: {st:#}");
+        }
+        if enroll {
+            for p in lab.pods.clone() {
+                lab.enroll(&p)?;
+            }
+        }
+        Ok(lab)
     }
 
     pub fn agent(&self) -> &Agent {

@@ -20,23 +20,8 @@ fn probe() -> std::path::PathBuf {
     bin("ml-probe").expect("ml-probe is built")
 }
 
-/// A lab with `names` pods and a running agent; pods enrolled if `enroll`.
 fn lab(names: &[&str], enroll: bool, agent_args: &[&str]) -> Result<Lab> {
-    let mut lab = Lab::new()?;
-    for n in names {
-        lab.add_pod(n)?;
-    }
-    lab.start_agent(agent_args)?;
-    let st = lab.call(&Request::Status)?;
-    if st["selftest"]["passed"] != true {
-        bail!("the agent's self-test failed on this kernel: {st:#}");
-    }
-    if enroll {
-        for p in lab.pods.clone() {
-            lab.enroll(&p)?;
-        }
-    }
-    Ok(lab)
+    Lab::with_agent(names, enroll, agent_args)
 }
 
 /// A running `ml-probe serve` in a pod (or in the host netns when `pod` is None).
@@ -314,24 +299,7 @@ fn fionread_epoll_poll_and_nginx_under_wrk() -> Result<()> {
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("1k"), vec![b'x'; 1024])?;
     std::fs::write(www.join("256k"), vec![b'y'; 256 * 1024])?;
-    let conf = lab.dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "user root; worker_processes 1; daemon off; pid {dir}/nginx.pid; error_log stderr warn;
-events {{ worker_connections 1024; }}
-http {{ access_log off; client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt;
-  fastcgi_temp_path {dir}/ft; uwsgi_temp_path {dir}/ut; scgi_temp_path {dir}/st;
-  server {{ listen {ip}:8080; root {www}; }} }}
-",
-            dir = lab.dir.display(),
-            ip = b.ip,
-            www = www.display()
-        ),
-    )?;
-    let mut nginx = lab.cmd(&b, "nginx")?;
-    nginx.args(["-p"]).arg(&lab.dir).arg("-c").arg(&conf);
-    let mut nginx = spawn_piped(&mut nginx)?;
+    let nginx = meshlane_lab::svc::nginx(&lab, &b, &format!("{}:8080", b.ip), &www)?;
     let url = format!("http://{}:8080", b.ip);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -344,7 +312,6 @@ http {{ access_log off; client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt
             break;
         }
         if Instant::now() > deadline {
-            let _ = nginx.kill();
             bail!("nginx did not answer within 10 s");
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -387,8 +354,7 @@ http {{ access_log off; client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt
         }
         Ok(())
     })();
-    let _ = nginx.kill();
-    let _ = nginx.wait();
+    drop(nginx);
     result
 }
 
