@@ -7,7 +7,7 @@
 //! ml-svc ask --to ADDR [--udp] [--n N]            one JSON line per attempt: the reply, the
 //!        peer address (getpeername, or the source of the UDP reply), or the errno
 //! ml-svc sink --listen ADDR                      accepts and closes, for connection-rate runs
-//! ml-svc connrate --to ADDR --secs S             new connections per second (connect + RST)
+//! ml-svc connrate --to ADDR --secs S             new connections per second (connect, EOF, close)
 //! ```
 
 use std::{
@@ -171,34 +171,26 @@ fn sink(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Connects and closes with RST (SO_LINGER 0) as fast as it can for `--secs`, so no TIME_WAIT
-/// piles up and the ephemeral port range never runs out.
+/// Opens connections one after the other for `--secs`: connect, wait for the server's close
+/// (EOF), close — the short-connection pattern of HTTP/1.0 clients. The server closes first, so
+/// TIME_WAIT stays on the server side, where the kernel lets a new SYN reuse the tuple.
 fn connrate(args: &[String]) -> Result<()> {
+    use std::io::Read as _;
     let to = addr(args, "--to")?;
     let secs: f64 = arg(args, "--secs").map_or(Ok(2.0), str::parse)?;
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let (mut ok, mut errors) = (0u64, 0u64);
     let mut last_error = None;
+    let mut buf = [0u8; 64];
     while Instant::now() < end {
-        match TcpStream::connect(to) {
-            Ok(s) => {
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: setsockopt with a linger struct of the right size.
-                unsafe {
-                    libc::setsockopt(
-                        s.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&raw const linger).cast(),
-                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                    );
-                }
-                ok += 1;
-            }
+        let r = TcpStream::connect(to).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            while s.read(&mut buf)? > 0 {}
+            Ok(())
+        });
+        match r {
+            Ok(()) => ok += 1,
             Err(e) => {
                 errors += 1;
                 last_error = Some(e.to_string());
