@@ -19,8 +19,8 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::generated::{
-        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32,
-        bpf_get_socket_cookie, bpf_set_retval,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_set_retval,
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -123,10 +123,7 @@ fn write_addr(ctx: &SockAddrContext, fam: Family, a: &Addr) {
                 write_volatile(p.add(3), a.ip[3]);
             }
         }
-        write_volatile(
-            &raw mut (*c).user_port,
-            u32::from((a.port as u16).to_be()),
-        );
+        write_volatile(&raw mut (*c).user_port, u32::from((a.port as u16).to_be()));
     }
 }
 
@@ -376,8 +373,7 @@ fn port_listed(ports: &[u16; dataplane_common::SIDECAR_MAX_PORTS], port: u32) ->
 /// Whether a sidecar pod's outbound connect is captured, and to which port.
 fn outbound_capture(netns: u64, dst: &Addr) -> Result<u32, Counter> {
     // SAFETY: a hash lookup; the value is read in place (it is large) and never kept.
-    let sc: &Sidecar =
-        unsafe { ML_SIDECARS.get(&netns) }.ok_or(Counter::CaptureSkipNoSettings)?;
+    let sc: &Sidecar = unsafe { ML_SIDECARS.get(&netns) }.ok_or(Counter::CaptureSkipNoSettings)?;
     // The low 32 bits are the uid.
     // SAFETY: a helper without arguments.
     let uid = unsafe { bpf_get_current_uid_gid() } as u32;

@@ -408,7 +408,12 @@ impl Agent {
             accel_wanted: self.state.accel_wanted,
             pods: self.state.pods.len(),
             sockhash_sockets: self.dp.sockhash_len(),
-            sidecar_pods: self.state.pods.iter().filter(|p| p.sidecar.is_some()).count(),
+            sidecar_pods: self
+                .state
+                .pods
+                .iter()
+                .filter(|p| p.sidecar.is_some())
+                .count(),
             services: self.services.summary(),
             service_table: {
                 let mut v = self.services.views(&self.dp);

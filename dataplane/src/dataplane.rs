@@ -206,7 +206,8 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         if std::env::var_os("MESHLANE_VERIFIER_LOG").is_some() {
             // Full verifier logs in load errors, for diagnosing a kernel that refuses a program.
-            loader.verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
+            loader
+                .verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
         }
         let mut ebpf = loader
             .default_map_pin_directory(&pins.maps)
@@ -353,10 +354,12 @@ impl Dataplane {
     }
 
     pub fn put_service(&mut self, key: ServiceKey, svc: Service) -> Result<()> {
-        self.services.insert(key, svc, 0).map_err(|source| Error::Map {
-            name: map_names::SERVICES,
-            source,
-        })
+        self.services
+            .insert(key, svc, 0)
+            .map_err(|source| Error::Map {
+                name: map_names::SERVICES,
+                source,
+            })
     }
 
     pub fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
@@ -364,10 +367,12 @@ impl Dataplane {
     }
 
     pub fn put_backend(&mut self, key: BackendKey, addr: Addr) -> Result<()> {
-        self.backends.insert(key, addr, 0).map_err(|source| Error::Map {
-            name: map_names::BACKENDS,
-            source,
-        })
+        self.backends
+            .insert(key, addr, 0)
+            .map_err(|source| Error::Map {
+                name: map_names::BACKENDS,
+                source,
+            })
     }
 
     pub fn del_backend(&mut self, key: &BackendKey) -> Result<()> {
@@ -384,29 +389,36 @@ impl Dataplane {
             name: map_names::SVC_STATS,
             source,
         })?;
-        Ok(per_cpu.iter().fold(ServiceStats::default(), |a, s| ServiceStats {
-            connects: a.connects + s.connects,
-            datagrams: a.datagrams + s.datagrams,
-            refused: a.refused + s.refused,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(ServiceStats::default(), |a, s| ServiceStats {
+                connects: a.connects + s.connects,
+                datagrams: a.datagrams + s.datagrams,
+                refused: a.refused + s.refused,
+            }))
     }
 
     /// Zeroes a service id's counters before the id is given to another service.
     pub fn reset_service_stats(&mut self, id: u32) -> Result<()> {
-        let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs", "/sys/devices/system/cpu/possible", e))?;
+        let n = aya::util::nr_cpus()
+            .map_err(|(_, e)| Error::io("counting CPUs", "/sys/devices/system/cpu/possible", e))?;
         let zero = aya::maps::PerCpuValues::try_from(vec![ServiceStats::default(); n])
             .map_err(|e| Error::io("building per-CPU values", map_names::SVC_STATS, e))?;
-        self.svc_stats.set(id, zero, 0).map_err(|source| Error::Map {
-            name: map_names::SVC_STATS,
-            source,
-        })
+        self.svc_stats
+            .set(id, zero, 0)
+            .map_err(|source| Error::Map {
+                name: map_names::SVC_STATS,
+                source,
+            })
     }
 
     pub fn put_sidecar(&mut self, netns: u64, sc: Sidecar) -> Result<()> {
-        self.sidecars.insert(netns, sc, 0).map_err(|source| Error::Map {
-            name: map_names::SIDECARS,
-            source,
-        })
+        self.sidecars
+            .insert(netns, sc, 0)
+            .map_err(|source| Error::Map {
+                name: map_names::SIDECARS,
+                source,
+            })
     }
 
     pub fn del_sidecar(&mut self, netns: u64) -> Result<()> {
@@ -427,16 +439,56 @@ impl Dataplane {
 const CGROUP_PROGRAMS: [(&str, u32, &str); 10] = {
     use bpf_sys::attach_type as at;
     [
-        (program_names::SOCKOPS, at::CGROUP_SOCK_OPS, "cgroup_sock_ops"),
-        (program_names::CONNECT4, at::CGROUP_INET4_CONNECT, "cgroup/connect4"),
-        (program_names::CONNECT6, at::CGROUP_INET6_CONNECT, "cgroup/connect6"),
-        (program_names::SENDMSG4, at::CGROUP_UDP4_SENDMSG, "cgroup/sendmsg4"),
-        (program_names::SENDMSG6, at::CGROUP_UDP6_SENDMSG, "cgroup/sendmsg6"),
-        (program_names::RECVMSG4, at::CGROUP_UDP4_RECVMSG, "cgroup/recvmsg4"),
-        (program_names::RECVMSG6, at::CGROUP_UDP6_RECVMSG, "cgroup/recvmsg6"),
-        (program_names::GETPEERNAME4, at::CGROUP_INET4_GETPEERNAME, "cgroup/getpeername4"),
-        (program_names::GETPEERNAME6, at::CGROUP_INET6_GETPEERNAME, "cgroup/getpeername6"),
-        (program_names::GETSOCKOPT, at::CGROUP_GETSOCKOPT, "cgroup/getsockopt"),
+        (
+            program_names::SOCKOPS,
+            at::CGROUP_SOCK_OPS,
+            "cgroup_sock_ops",
+        ),
+        (
+            program_names::CONNECT4,
+            at::CGROUP_INET4_CONNECT,
+            "cgroup/connect4",
+        ),
+        (
+            program_names::CONNECT6,
+            at::CGROUP_INET6_CONNECT,
+            "cgroup/connect6",
+        ),
+        (
+            program_names::SENDMSG4,
+            at::CGROUP_UDP4_SENDMSG,
+            "cgroup/sendmsg4",
+        ),
+        (
+            program_names::SENDMSG6,
+            at::CGROUP_UDP6_SENDMSG,
+            "cgroup/sendmsg6",
+        ),
+        (
+            program_names::RECVMSG4,
+            at::CGROUP_UDP4_RECVMSG,
+            "cgroup/recvmsg4",
+        ),
+        (
+            program_names::RECVMSG6,
+            at::CGROUP_UDP6_RECVMSG,
+            "cgroup/recvmsg6",
+        ),
+        (
+            program_names::GETPEERNAME4,
+            at::CGROUP_INET4_GETPEERNAME,
+            "cgroup/getpeername4",
+        ),
+        (
+            program_names::GETPEERNAME6,
+            at::CGROUP_INET6_GETPEERNAME,
+            "cgroup/getpeername6",
+        ),
+        (
+            program_names::GETSOCKOPT,
+            at::CGROUP_GETSOCKOPT,
+            "cgroup/getsockopt",
+        ),
     ]
 };
 

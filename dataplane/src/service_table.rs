@@ -112,7 +112,13 @@ impl ServiceTable {
         let mut used = std::collections::BTreeSet::new();
         for (key, service) in dp.service_entries() {
             used.insert(service.id);
-            in_force.insert(key, InForce { service, spec: None });
+            in_force.insert(
+                key,
+                InForce {
+                    service,
+                    spec: None,
+                },
+            );
         }
         let live: HashMap<u32, u32> = in_force
             .values()
@@ -174,9 +180,10 @@ impl ServiceTable {
             let flags = flags_of(&spec);
             let (id, set, old) = match self.in_force.get(&key) {
                 Some(f) => {
-                    let same = f.spec.as_ref().is_some_and(|old| {
-                        old.backends == spec.backends && flags_of(old) == flags
-                    });
+                    let same = f
+                        .spec
+                        .as_ref()
+                        .is_some_and(|old| old.backends == spec.backends && flags_of(old) == flags);
                     if same {
                         self.in_force.get_mut(&key).expect("present").spec = Some(spec);
                         out.unchanged += 1;
@@ -243,7 +250,10 @@ impl ServiceTable {
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
             Err(e) => {
-                let msg = format!("services file {}: {e}; the previous table stays in force", path.display());
+                let msg = format!(
+                    "services file {}: {e}; the previous table stays in force",
+                    path.display()
+                );
                 let changed = self.last_error.as_deref() != Some(msg.as_str());
                 self.last_error = Some(msg.clone());
                 self.seen = None;
@@ -276,7 +286,12 @@ impl ServiceTable {
         Some(self.load_bytes(dp, &path, &bytes))
     }
 
-    fn load_bytes(&mut self, dp: &mut Dataplane, path: &Path, bytes: &[u8]) -> Result<Applied, String> {
+    fn load_bytes(
+        &mut self,
+        dp: &mut Dataplane,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<Applied, String> {
         match services::parse_bytes(bytes) {
             Ok(specs) => match self.apply(dp, specs) {
                 Ok(a) => {
@@ -324,9 +339,18 @@ impl ServiceTable {
             .map(|(key, f)| {
                 let stats = dp.service_stats(f.service.id).unwrap_or_default();
                 let (name, frontend, balance, backends) = match &f.spec {
-                    Some(s) => (Some(s.name.clone()), s.frontend(), Some(s.balance), s.backends.clone()),
+                    Some(s) => (
+                        Some(s.name.clone()),
+                        s.frontend(),
+                        Some(s.balance),
+                        s.backends.clone(),
+                    ),
                     None => {
-                        let proto = if key.proto == Protocol::Udp.number() { "UDP" } else { "TCP" };
+                        let proto = if key.proto == Protocol::Udp.number() {
+                            "UDP"
+                        } else {
+                            "TCP"
+                        };
                         let a = crate::agent::key_addr(key.ip, u32::from(key.port));
                         (None, format!("{a}/{proto}"), None, Vec::new())
                     }

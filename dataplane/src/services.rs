@@ -204,7 +204,10 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Vec<ServiceSpec>, Rejected> {
         Rejected::one(
             line,
             column,
-            format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to()),
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.valid_up_to()
+            ),
         )
     })?;
     parse(text)
@@ -363,7 +366,11 @@ impl Validator {
             self.err(
                 node,
                 path,
-                format!("expected a mapping with {}, found {}", allowed.join(", "), describe(node)),
+                format!(
+                    "expected a mapping with {}, found {}",
+                    allowed.join(", "),
+                    describe(node)
+                ),
             );
             return None;
         };
@@ -405,11 +412,18 @@ impl Validator {
         };
         let items = match &list.value {
             Value::Seq(items) => items,
-            Value::Scalar { text, quoted: false } if text.is_empty() || text == "~" || text == "null" => {
+            Value::Scalar {
+                text,
+                quoted: false,
+            } if text.is_empty() || text == "~" || text == "null" => {
                 return Vec::new();
             }
             _ => {
-                self.err(list, "services", format!("expected a list, found {}", describe(list)));
+                self.err(
+                    list,
+                    "services",
+                    format!("expected a list, found {}", describe(list)),
+                );
                 return Vec::new();
             }
         };
@@ -438,10 +452,15 @@ impl Validator {
         let path = &format!("services[{index}]");
         let f = self.fields(node, path, FIELDS)?;
         let before = self.errors.len();
+        // "missing" points at the entry's first key (a mapping's own mark is after it).
+        let anchor = match &node.value {
+            Value::Map(entries) if !entries.is_empty() => &entries[0].0,
+            _ => node,
+        };
         let required = |v: &mut Self, key: &str| -> Option<&Node> {
             let n = f.get(key).copied();
             if n.is_none() {
-                v.err(node, &join(path, key), "missing");
+                v.err(anchor, &join(path, key), "missing");
             }
             n
         };
@@ -470,16 +489,25 @@ impl Validator {
             protocol: protocol?,
             balance: balance?,
             backends: backends?,
-            line: node.line,
+            line: anchor.line,
             index,
         })
     }
 
-    fn scalar<'n>(&mut self, node: &'n Node, path: &str, expected: &str) -> Option<(&'n str, bool)> {
+    fn scalar<'n>(
+        &mut self,
+        node: &'n Node,
+        path: &str,
+        expected: &str,
+    ) -> Option<(&'n str, bool)> {
         match &node.value {
             Value::Scalar { text, quoted } => Some((text.as_str(), *quoted)),
             _ => {
-                self.err(node, path, format!("expected {expected}, found {}", describe(node)));
+                self.err(
+                    node,
+                    path,
+                    format!("expected {expected}, found {}", describe(node)),
+                );
                 None
             }
         }
@@ -507,13 +535,24 @@ impl Validator {
         let ip: IpAddr = match s.parse() {
             Ok(ip) => ip,
             Err(_) => {
-                self.err(node, path, format!("{s:?} is not an IP address (like 10.96.0.10 or fd00::10)"));
+                self.err(
+                    node,
+                    path,
+                    format!("{s:?} is not an IP address (like 10.96.0.10 or fd00::10)"),
+                );
                 return None;
             }
         };
         let bad = match ip {
-            IpAddr::V4(v4) => v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast(),
-            IpAddr::V6(v6) => v6.is_unspecified() || v6.is_loopback() || v6.is_multicast() || v6.to_ipv4_mapped().is_some(),
+            IpAddr::V4(v4) => {
+                v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast()
+            }
+            IpAddr::V6(v6) => {
+                v6.is_unspecified()
+                    || v6.is_loopback()
+                    || v6.is_multicast()
+                    || v6.to_ipv4_mapped().is_some()
+            }
         };
         if bad {
             self.err(
@@ -531,8 +570,16 @@ impl Validator {
         match s.parse::<u16>() {
             Ok(p) if p > 0 && !quoted => Some(p),
             _ => {
-                let found = if quoted { format!("the string {s:?}") } else { format!("{s:?}") };
-                self.err(node, path, format!("expected an integer 1-65535, found {found}"));
+                let found = if quoted {
+                    format!("the string {s:?}")
+                } else {
+                    format!("{s:?}")
+                };
+                self.err(
+                    node,
+                    path,
+                    format!("expected an integer 1-65535, found {found}"),
+                );
                 None
             }
         }
@@ -544,7 +591,11 @@ impl Validator {
             "TCP" => Some(Protocol::Tcp),
             "UDP" => Some(Protocol::Udp),
             _ => {
-                self.err(node, path, format!("unknown protocol {s:?}; expected TCP or UDP"));
+                self.err(
+                    node,
+                    path,
+                    format!("unknown protocol {s:?}; expected TCP or UDP"),
+                );
                 None
             }
         }
@@ -556,20 +607,36 @@ impl Validator {
             "random" => Some(Balance::Random),
             "client-address" => Some(Balance::ClientAddress),
             _ => {
-                self.err(node, path, format!("unknown balance {s:?}; expected random or client-address"));
+                self.err(
+                    node,
+                    path,
+                    format!("unknown balance {s:?}; expected random or client-address"),
+                );
                 None
             }
         }
     }
 
-    fn backends(&mut self, node: &Node, path: &str, vip: Option<IpAddr>) -> Option<Vec<SocketAddr>> {
+    fn backends(
+        &mut self,
+        node: &Node,
+        path: &str,
+        vip: Option<IpAddr>,
+    ) -> Option<Vec<SocketAddr>> {
         let items = match &node.value {
             Value::Seq(items) => items,
-            Value::Scalar { text, quoted: false } if text.is_empty() || text == "~" || text == "null" => {
+            Value::Scalar {
+                text,
+                quoted: false,
+            } if text.is_empty() || text == "~" || text == "null" => {
                 return Some(Vec::new());
             }
             _ => {
-                self.err(node, path, format!("expected a list of IP:port, found {}", describe(node)));
+                self.err(
+                    node,
+                    path,
+                    format!("expected a list of IP:port, found {}", describe(node)),
+                );
                 return None;
             }
         };
@@ -577,7 +644,10 @@ impl Validator {
             self.err(
                 node,
                 path,
-                format!("{} backends; a service has at most {MAX_BACKENDS_PER_SERVICE}", items.len()),
+                format!(
+                    "{} backends; a service has at most {MAX_BACKENDS_PER_SERVICE}",
+                    items.len()
+                ),
             );
             return None;
         }
@@ -656,7 +726,9 @@ impl Validator {
                 line: 1,
                 column: 1,
                 field: "services".into(),
-                message: format!("{total} backends in all; this agent holds at most {MAX_TOTAL_BACKENDS}"),
+                message: format!(
+                    "{total} backends in all; this agent holds at most {MAX_TOTAL_BACKENDS}"
+                ),
             });
         }
     }
@@ -676,9 +748,80 @@ fn join(path: &str, key: &str) -> String {
 
 fn describe(node: &Node) -> String {
     match &node.value {
-        Value::Scalar { text, .. } if text.len() > 40 => format!("{:?}…", &text[..text.char_indices().nth(40).map_or(text.len(), |(i, _)| i)]),
+        Value::Scalar { text, .. } if text.len() > 40 => format!(
+            "{:?}…",
+            &text[..text.char_indices().nth(40).map_or(text.len(), |(i, _)| i)]
+        ),
         Value::Scalar { text, .. } => format!("{text:?}"),
         Value::Seq(_) => "a list".into(),
         Value::Map(_) => "a mapping".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_good_file_parses_with_defaults() {
+        let t = parse(
+            "services:\n  - name: web\n    vip: 10.96.0.10\n    port: 80\n    balance: client-address\n    backends: [10.0.0.1:8080, 10.0.0.2:8080]\n",
+        )
+        .unwrap();
+        assert_eq!(t[0].backends.len(), 2);
+        assert_eq!((t[0].line, t[0].balance), (2, Balance::ClientAddress));
+        let t =
+            parse("services:\n  - name: web\n    vip: fd96::10\n    port: 80\n    protocol: udp\n")
+                .unwrap();
+        assert_eq!(t[0].protocol, Protocol::Udp);
+        assert_eq!(t[0].balance, Balance::Random);
+        assert!(t[0].backends.is_empty());
+        assert_eq!(t[0].frontend(), "[fd96::10]:80/UDP");
+    }
+
+    #[test]
+    fn empty_files_are_empty_tables() {
+        assert_eq!(parse("").unwrap(), vec![]);
+        assert_eq!(parse("services: []\n").unwrap(), vec![]);
+        assert_eq!(parse("services:\n").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_line_and_field() {
+        let e = parse(
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 0\n    extra: 1\n  - vip: nope\n    port: \"80\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "line 4, column 11: services[0].port: expected an integer 1-65535, found \"0\"",
+            "line 5, column 5: services[0].extra: unknown field",
+            "line 6, column 5: services[1].name: missing",
+            "line 6, column 10: services[1].vip: \"nope\" is not an IP address",
+            "line 7, column 11: services[1].port: expected an integer 1-65535, found the string \"80\"",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_and_non_utf8_name_their_place() {
+        let e = parse("services:\n  - name: [unclosed\n").unwrap_err();
+        assert!(e.errors[0].message.starts_with("not valid YAML"), "{e}");
+        let e = parse_bytes(b"services:\n  - name: \xff\n").unwrap_err();
+        assert_eq!((e.errors[0].line, e.errors[0].column), (2, 11), "{e}");
+        let e = parse("services:\n  - &a {name: x}\n  - *a\n").unwrap_err();
+        assert!(e.to_string().contains("aliases"), "{e}");
+    }
+
+    #[test]
+    fn families_must_match_and_backends_are_unique() {
+        let e = parse(
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    backends: [\"[fd00::1]:80\", 10.0.0.1:80, 10.0.0.1:80]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is IPv6 but the VIP 10.96.0.1 is IPv4"), "{e}");
+        assert!(e.contains("\"10.0.0.1:80\" is listed twice"), "{e}");
     }
 }

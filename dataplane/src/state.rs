@@ -126,10 +126,18 @@ impl SidecarSpec {
             cidr_count: self.exclude_cidrs.len() as u32,
             ..Default::default()
         };
-        for (slot, p) in sc.exclude_outbound_ports.iter_mut().zip(&self.exclude_outbound_ports) {
+        for (slot, p) in sc
+            .exclude_outbound_ports
+            .iter_mut()
+            .zip(&self.exclude_outbound_ports)
+        {
             *slot = *p;
         }
-        for (slot, p) in sc.exclude_inbound_ports.iter_mut().zip(&self.exclude_inbound_ports) {
+        for (slot, p) in sc
+            .exclude_inbound_ports
+            .iter_mut()
+            .zip(&self.exclude_inbound_ports)
+        {
             *slot = *p;
         }
         for (slot, net) in sc.exclude_cidrs.iter_mut().zip(&self.exclude_cidrs) {

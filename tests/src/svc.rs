@@ -35,13 +35,22 @@ pub fn whoami(lab: &Lab, pod: &Pod, listen: &str, id: &str, udp: bool) -> Result
         cmd.arg("--udp");
     }
     let mut child = spawn_piped(&mut cmd)?;
-    wait_for_line(&mut child, Duration::from_secs(10), |l| l.starts_with("listening "))
-        .with_context(|| format!("whoami {id} on {listen} in {}", pod.name))?;
+    wait_for_line(&mut child, Duration::from_secs(10), |l| {
+        l.starts_with("listening ")
+    })
+    .with_context(|| format!("whoami {id} on {listen} in {}", pod.name))?;
     Ok(Proc(child))
 }
 
 /// Runs `ml-svc ask` in a pod, as `uid` when given, and returns one JSON value per attempt.
-pub fn ask(lab: &Lab, pod: &Pod, to: &str, n: u32, udp: bool, uid: Option<u32>) -> Result<Vec<Value>> {
+pub fn ask(
+    lab: &Lab,
+    pod: &Pod,
+    to: &str,
+    n: u32,
+    udp: bool,
+    uid: Option<u32>,
+) -> Result<Vec<Value>> {
     let svc = bin("ml-svc")?;
     let mut cmd = match uid {
         Some(uid) => {
@@ -218,7 +227,11 @@ pub fn install_istio_iptables(lab: &Lab, pod: &Pod) -> Result<()> {
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("iptables-restore in {}: {}", pod.name, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "iptables-restore in {}: {}",
+            pod.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -229,7 +242,10 @@ pub fn flush_iptables(lab: &Lab, pod: &Pod) -> Result<()> {
         for op in ["-F", "-X"] {
             let out = lab.cmd(pod, "iptables")?.args(["-t", table, op]).output()?;
             if !out.status.success() {
-                bail!("iptables -t {table} {op}: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "iptables -t {table} {op}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
     }
@@ -274,12 +290,13 @@ pub fn kube_proxy_rules(n: usize, vip: impl Fn(usize) -> String, backend: &str) 
 pub fn iptables_restore(lab: &Lab, pod: &Pod, rules: &str) -> Result<()> {
     let path: PathBuf = lab.dir.join(format!("rules-{}.txt", pod.name));
     std::fs::write(&path, rules)?;
-    let out = lab
-        .cmd(pod, "iptables-restore")?
-        .arg(&path)
-        .output()?;
+    let out = lab.cmd(pod, "iptables-restore")?.arg(&path).output()?;
     if !out.status.success() {
-        bail!("iptables-restore in {}: {}", pod.name, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "iptables-restore in {}: {}",
+            pod.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -320,7 +337,13 @@ http {{ access_log off; client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt
     let p = Proc(spawn_piped(&mut cmd)?);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = lab.cmd(pod, "ss")?.args(["-Hltn", &format!("sport = :{}", listen.rsplit(':').next().unwrap_or("0"))]).output()?;
+        let out = lab
+            .cmd(pod, "ss")?
+            .args([
+                "-Hltn",
+                &format!("sport = :{}", listen.rsplit(':').next().unwrap_or("0")),
+            ])
+            .output()?;
         if !out.stdout.is_empty() {
             return Ok(p);
         }

@@ -81,21 +81,40 @@ fn vips_translate_show_the_vip_and_follow_backend_changes() -> Result<()> {
 
     // TCP: every connect reaches a backend, getpeername shows the VIP, both backends serve.
     let replies = ask(&lab, a, "10.96.0.10:80", 30, false, None)?;
-    assert_eq!(ids(&replies)?, BTreeSet::from(["b".into(), "c".into()]), "{replies:?}");
+    assert_eq!(
+        ids(&replies)?,
+        BTreeSet::from(["b".into(), "c".into()]),
+        "{replies:?}"
+    );
     for r in &replies {
-        assert_eq!(r["peer"], "10.96.0.10:80", "getpeername must show the VIP: {r}");
+        assert_eq!(
+            r["peer"], "10.96.0.10:80",
+            "getpeername must show the VIP: {r}"
+        );
         let local = r["reply"]["local"].as_str().unwrap_or("");
-        assert!(local.ends_with(":8080"), "the backend saw the connect on its port: {r}");
-        assert!(!local.contains("10.96.0.10"), "the connect was translated: {r}");
+        assert!(
+            local.ends_with(":8080"),
+            "the backend saw the connect on its port: {r}"
+        );
+        assert!(
+            !local.contains("10.96.0.10"),
+            "the connect was translated: {r}"
+        );
     }
 
     // UDP: the query to VIP:53 is answered, and the reply comes from the VIP.
     for r in ask(&lab, a, "10.96.0.53:53", 5, true, None)? {
         assert_eq!(r["ok"], true, "{r}");
-        assert_eq!(r["peer"], "10.96.0.53:53", "the reply's source must be the VIP: {r}");
+        assert_eq!(
+            r["peer"], "10.96.0.53:53",
+            "the reply's source must be the VIP: {r}"
+        );
         assert_eq!(r["reply"]["id"], "b", "{r}");
         assert!(
-            r["reply"]["local"].as_str().unwrap_or("").ends_with(":8080"),
+            r["reply"]["local"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with(":8080"),
             "{r}"
         );
     }
@@ -107,7 +126,11 @@ fn vips_translate_show_the_vip_and_follow_backend_changes() -> Result<()> {
 
     // Client-address affinity: one client, one backend.
     let sticky = ids(&ask(&lab, a, "10.96.0.11:80", 20, false, None)?)?;
-    assert_eq!(sticky.len(), 1, "affinity must pin a client to one backend: {sticky:?}");
+    assert_eq!(
+        sticky.len(),
+        1,
+        "affinity must pin a client to one backend: {sticky:?}"
+    );
 
     // No backends: ECONNREFUSED, at once.
     let r = ask(&lab, a, "10.96.0.12:80", 1, false, None)?.remove(0);
@@ -127,7 +150,12 @@ fn vips_translate_show_the_vip_and_follow_backend_changes() -> Result<()> {
         .and_then(|v| v.iter().find(|s| s["name"] == "empty"))
         .context("empty in status")?;
     assert!(empty["refused"].as_u64().unwrap_or(0) >= 1, "{empty}");
-    assert!(st["counters"]["svc_datagram_translated"].as_u64().unwrap_or(0) >= 5);
+    assert!(
+        st["counters"]["svc_datagram_translated"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 5
+    );
     assert!(st["counters"]["revnat_applied"].as_u64().unwrap_or(0) >= 35);
     let out = lab.cli(&["status"])?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -166,7 +194,10 @@ fn five_thousand_services_load_and_translate() -> Result<()> {
     let started = Instant::now();
     let (lab, _file) = lab_with_services(&["a", "b", "c"], &text)?;
     let summary = services_summary(&lab)?;
-    eprintln!("5000 services: agent up and table loaded in {:?}", started.elapsed());
+    eprintln!(
+        "5000 services: agent up and table loaded in {:?}",
+        started.elapsed()
+    );
     assert_eq!(summary["services"], N, "{summary}");
     assert_eq!(summary["backends"], 2 * N, "{summary}");
     let _servers = backends(&lab)?;
@@ -174,7 +205,10 @@ fn five_thousand_services_load_and_translate() -> Result<()> {
         let to = format!("{}:80", vip(i));
         let r = ask_one(&lab, lab.pod("a"), &to, false, None)?;
         assert_eq!(r["peer"], to, "{r}");
-        assert!(["b", "c"].contains(&r["reply"]["id"].as_str().unwrap_or("")), "{r}");
+        assert!(
+            ["b", "c"].contains(&r["reply"]["id"].as_str().unwrap_or("")),
+            "{r}"
+        );
     }
     let all = lab.call(&Request::Services)?;
     assert_eq!(all["services"].as_array().map(Vec::len), Some(N));
@@ -242,7 +276,10 @@ fn bad_services_files_are_refused_and_the_old_table_keeps_working() -> Result<()
         for e in expected {
             assert!(err.contains(e), "{what}: expected {e:?} in:\n{err}");
         }
-        assert!(err.contains(&file.display().to_string()), "{what}: the path is named: {err}");
+        assert!(
+            err.contains(&file.display().to_string()),
+            "{what}: the path is named: {err}"
+        );
         let s = services_summary(&lab)?;
         assert_eq!(s["loads"], loads, "{what}: nothing was applied");
         assert_eq!(s["services"], 1, "{what}: the old table is in force");
@@ -265,7 +302,13 @@ fn bad_services_files_are_refused_and_the_old_table_keeps_working() -> Result<()
     write_services(&file, good.replace("10.96.0.10", "10.96.0.20"))?;
     let s = wait_applied(&lab, loads)?;
     assert!(s["last_error"].is_null(), "{s}");
-    let r = ask_one(&lab, lab.pod("a"), &hostport([10, 96, 0, 20], 80), false, None)?;
+    let r = ask_one(
+        &lab,
+        lab.pod("a"),
+        &hostport([10, 96, 0, 20], 80),
+        false,
+        None,
+    )?;
     assert_eq!(r["reply"]["id"], "b");
     Ok(())
 }

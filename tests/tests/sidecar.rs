@@ -68,7 +68,12 @@ fn capture_keeps_the_original_destination_and_honours_exclusions() -> Result<()>
     // Excluded port: not captured by a's sidecar (b's inbound capture still applies, as with
     // Istio's PREROUTING rule in b).
     let r = ask_one(&lab, &a, &hostport(b.ip, 2222), false, None)?;
-    expect("excluded port", &r, "b-inbound", Some(&hostport(b.ip, 2222)))?;
+    expect(
+        "excluded port",
+        &r,
+        "b-inbound",
+        Some(&hostport(b.ip, 2222)),
+    )?;
     // Excluded CIDR: straight to d.
     let r = ask_one(&lab, &a, &hostport(d.ip, 80), false, None)?;
     expect("excluded CIDR", &r, "d-app", None)?;
@@ -144,7 +149,15 @@ fn requests(lab: &Lab, to_ip: std::net::Ipv4Addr) -> Result<(String, Value)> {
     let http = String::from_utf8_lossy(&out.stdout).into_owned();
 
     let mut serve = lab.cmd(lab.pod("b"), bin("ml-probe")?)?;
-    serve.args(["serve", "--listen", "0.0.0.0:7000", "--conns", "1", "--duplex", "65536"]);
+    serve.args([
+        "serve",
+        "--listen",
+        "0.0.0.0:7000",
+        "--conns",
+        "1",
+        "--duplex",
+        "65536",
+    ]);
     let mut server = meshlane_lab::spawn_piped(&mut serve)?;
     meshlane_lab::wait_for_line(&mut server, Duration::from_secs(10), |l| {
         l.starts_with("listening")
@@ -241,10 +254,18 @@ fn haproxy_sidecars_work_the_same_with_iptables_redirect_and_with_meshlane() -> 
     );
     assert!(with_meshlane.0.ends_with("\n200"), "{}", with_meshlane.0);
     assert_eq!(with_meshlane.1["ok"], 1, "{}", with_meshlane.1);
-    assert_eq!(with_meshlane.1["failed"], serde_json::json!([]), "{}", with_meshlane.1);
+    assert_eq!(
+        with_meshlane.1["failed"],
+        serde_json::json!([]),
+        "{}",
+        with_meshlane.1
+    );
     assert!(delta("capture_outbound") >= 2, "{after:?}");
     assert!(delta("capture_inbound") >= 2, "{after:?}");
-    assert!(delta("orig_dst_served") >= 4, "HAProxy asked for SO_ORIGINAL_DST: {after:?}");
+    assert!(
+        delta("orig_dst_served") >= 4,
+        "HAProxy asked for SO_ORIGINAL_DST: {after:?}"
+    );
     // Every hop — app → sidecar a (loopback), sidecar a → sidecar b (pod to pod), sidecar b →
     // app (own pod address) — rode the fast path: at least the 4 MiB payload three times.
     assert!(

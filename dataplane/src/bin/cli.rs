@@ -93,7 +93,7 @@ struct SidecarArgs {
 
 impl SidecarArgs {
     fn spec(self) -> Option<SidecarSpec> {
-        self.sidecar.then(|| SidecarSpec {
+        self.sidecar.then_some(SidecarSpec {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
             proxy_uid: self.proxy_uid,
@@ -209,7 +209,11 @@ fn run() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&table)?);
             } else {
                 let n: usize = table.iter().map(|s| s.backends.len()).sum();
-                println!("{}: {} services, {n} backends, valid", file.display(), table.len());
+                println!(
+                    "{}: {} services, {n} backends, valid",
+                    file.display(),
+                    table.len()
+                );
             }
         }
         Cmd::Services { cmd: None, json } => {

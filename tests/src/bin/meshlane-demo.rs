@@ -13,8 +13,9 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use meshlane::state::SidecarSpec;
 use meshlane_lab::{
-    Lab, Pod, bin,
+    Lab, Pod,
     bench::{Latency, iperf3, median, sockperf_pingpong},
+    bin,
     svc::{
         Proc, flush_iptables, haproxy_sidecar, install_istio_iptables, iptables_restore,
         kube_proxy_rules,
@@ -118,17 +119,7 @@ fn run() -> Result<()> {
     let lo_gbps = median(&lo) / 1e9;
     println!();
     println!("medians of {ROUNDS} interleaved rounds, {SECS} s each, pod ↔ pod on one node");
-    println!(
-        "| {:<26} | {:>10} | {:>11} | {:>6} |",
-        "metric", "veth", "accelerated", "ratio"
-    );
-    println!(
-        "|{}|{}|{}|{}|",
-        "-".repeat(28),
-        "-".repeat(12),
-        "-".repeat(13),
-        "-".repeat(8)
-    );
+    table_header("veth", "accelerated");
     for (name, v, a) in rows {
         println!("| {name:<26} | {v:>10.2} | {a:>11.2} | {:>6.2} |", a / v);
     }
@@ -171,22 +162,37 @@ fn sidecar_paths(lab: &Lab, a: &Pod, b: &Pod) -> Result<()> {
         println!("round {round}/{ROUNDS}: sidecars captured by iptables REDIRECT");
         install_istio_iptables(lab, a)?;
         install_istio_iptables(lab, b)?;
-        ipt.push(sockperf_pingpong(lab, a, b, bip, 12000 + round as u16, 64, SECS)?);
+        ipt.push(sockperf_pingpong(
+            lab,
+            a,
+            b,
+            bip,
+            12000 + round as u16,
+            64,
+            SECS,
+        )?);
         flush_iptables(lab, a)?;
         flush_iptables(lab, b)?;
 
         println!("round {round}/{ROUNDS}: sidecars captured by meshlane (no iptables)");
         lab.enroll_with(a, Some(SidecarSpec::default()))?;
         lab.enroll_with(b, Some(SidecarSpec::default()))?;
-        ml.push(sockperf_pingpong(lab, a, b, bip, 12100 + round as u16, 64, SECS)?);
+        ml.push(sockperf_pingpong(
+            lab,
+            a,
+            b,
+            bip,
+            12100 + round as u16,
+            64,
+            SECS,
+        )?);
         lab.unenroll(a)?;
         lab.unenroll(b)?;
     }
     let med = |v: &[Latency], f: fn(&Latency) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
     println!();
     println!("app → sidecar → sidecar → app, sockperf 64 B ping-pong, medians of {ROUNDS} rounds");
-    println!("| {:<26} | {:>10} | {:>11} | {:>6} |", "metric", "iptables", "meshlane", "ratio");
-    println!("|{}|{}|{}|{}|", "-".repeat(28), "-".repeat(12), "-".repeat(13), "-".repeat(8));
+    table_header("iptables", "meshlane");
     for (name, f) in [
         ("p50 (µs)", (|l: &Latency| l.p50_us) as fn(&Latency) -> f64),
         ("p99 (µs)", |l: &Latency| l.p99_us),
@@ -201,8 +207,15 @@ fn sidecar_paths(lab: &Lab, a: &Pod, b: &Pod) -> Result<()> {
 /// DNAT rules (not enrolled) vs a pod enrolled with meshlane (connect hook), interleaved.
 fn connection_rates(lab: &Lab, k: &Pod, m: &Pod, b: &Pod) -> Result<()> {
     println!();
-    println!("loading {SERVICES} kube-proxy-style services into {}'s iptables", k.name);
-    iptables_restore(lab, k, &kube_proxy_rules(SERVICES, vip, &format!("{}:8080", b.ip)))?;
+    println!(
+        "loading {SERVICES} kube-proxy-style services into {}'s iptables",
+        k.name
+    );
+    iptables_restore(
+        lab,
+        k,
+        &kube_proxy_rules(SERVICES, vip, &format!("{}:8080", b.ip)),
+    )?;
     // Nodes have a default route; without one the kernel refuses a connect to a VIP before the
     // nat table is consulted (the connect hook translates before routing and needs none).
     for p in [k, m] {
@@ -237,9 +250,29 @@ fn connection_rates(lab: &Lab, k: &Pod, m: &Pod, b: &Pod) -> Result<()> {
     }
     let (i, h) = (median(&ipt), median(&hook));
     println!();
-    println!("new connections/s to {to} (service {MEASURED} of {SERVICES}), medians of {ROUNDS} rounds");
-    println!("| {:<26} | {:>10} | {:>11} | {:>6} |", "metric", "iptables", "connect hook", "ratio");
-    println!("|{}|{}|{}|{}|", "-".repeat(28), "-".repeat(12), "-".repeat(13), "-".repeat(8));
-    println!("| {:<26} | {i:>10.0} | {h:>11.0} | {:>6.2} |", "connections/s", h / i);
+    println!(
+        "new connections/s to {to} (service {MEASURED} of {SERVICES}), medians of {ROUNDS} rounds"
+    );
+    table_header("iptables", "connect hook");
+    println!(
+        "| {:<26} | {i:>10.0} | {h:>11.0} | {:>6.2} |",
+        "connections/s",
+        h / i
+    );
     Ok(())
+}
+
+/// The header of a side-by-side table: metric, baseline, meshlane, ratio.
+fn table_header(baseline: &str, ours: &str) {
+    println!(
+        "| {:<26} | {baseline:>10} | {ours:>11} | {:>6} |",
+        "metric", "ratio"
+    );
+    println!(
+        "|{}|{}|{}|{}|",
+        "-".repeat(28),
+        "-".repeat(12),
+        "-".repeat(13),
+        "-".repeat(8)
+    );
 }

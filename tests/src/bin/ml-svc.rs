@@ -43,7 +43,9 @@ fn main() {
         Some("ask") => ask(&args),
         Some("sink") => sink(&args),
         Some("connrate") => connrate(&args),
-        _ => Err(anyhow::anyhow!("usage: ml-svc whoami|ask|sink|connrate ...")),
+        _ => Err(anyhow::anyhow!(
+            "usage: ml-svc whoami|ask|sink|connrate ..."
+        )),
     };
     if let Err(e) = r {
         eprintln!("ml-svc: {e:#}");
