@@ -211,29 +211,7 @@ COMMIT
 
 /// Loads [`ISTIO_RULES`] into a pod (IPv4; the lab's sidecar comparisons use IPv4).
 pub fn install_istio_iptables(lab: &Lab, pod: &Pod) -> Result<()> {
-    let mut cmd = lab.cmd(pod, "iptables-restore")?;
-    cmd.stdin(std::process::Stdio::piped());
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    {
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(ISTIO_RULES.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "iptables-restore in {}: {}",
-            pod.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    iptables_restore(lab, pod, ISTIO_RULES)
 }
 
 /// Flushes every iptables table of a pod.
