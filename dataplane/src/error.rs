@@ -49,18 +49,6 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("pinning {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        #[source]
-        source: aya::pin::PinError,
-    },
-    #[error("link {path}: {source}")]
-    Link {
-        path: PathBuf,
-        #[source]
-        source: aya::programs::links::LinkError,
-    },
     #[error("{0}")]
     Invalid(String),
     #[error("state file {path}: {msg}")]
