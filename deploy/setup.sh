@@ -8,6 +8,7 @@
 #     sidecar), bpftool (independent evidence of what is attached), containernetworking-plugins.
 #   - rust-src for the nightly toolchain (aya-build builds the eBPF crate with -Z build-std=core).
 #   - bpf-linker 0.13 with its llvm-22 feature.
+#   - oha 1.x from crates.io: the fixed-rate HTTP load generator of the benchmark suite.
 #   - bpffs at /sys/fs/bpf if nothing is mounted there.
 set -euo pipefail
 
@@ -56,6 +57,11 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.13'; then
   log "building bpf-linker 0.13 against llvm-22 (about a minute)"
   LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker --version '^0.13' \
     --no-default-features --features llvm-22
+fi
+
+if ! oha --version 2>/dev/null | grep -q '^oha 1\.'; then
+  log "building oha 1.x, the benchmarks' fixed-rate HTTP load generator (a few minutes)"
+  cargo install --locked oha --version '^1.16'
 fi
 
 # bpffs: the agent mounts its own if needed, but bpftool and humans expect /sys/fs/bpf.

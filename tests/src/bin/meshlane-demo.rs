@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result};
 use meshlane::state::SidecarSpec;
 use meshlane_lab::{
     Lab, Pod,
-    bench::{Latency, iperf3, median, sockperf_pingpong},
+    bench::{Latency, Pin, iperf3, median, sockperf_pingpong},
     bin,
     svc::{
         Proc, flush_iptables, haproxy_sidecar, install_istio_iptables, iptables_restore,
@@ -73,8 +73,8 @@ fn run() -> Result<()> {
     for round in 1..=ROUNDS {
         // Baselines: not enrolled — the veth + bridge path, and loopback inside one pod.
         println!("round {round}/{ROUNDS}: veth path (not enrolled)");
-        let l = sockperf_pingpong(&lab, &a, &b, bip, 11111, 64, SECS)?;
-        let t = iperf3(&lab, &a, &b, bip, 5201, 128 << 10, SECS)?;
+        let l = sockperf_pingpong(&lab, &a, &b, bip, 11111, 64, SECS, Pin::NONE)?;
+        let t = iperf3(&lab, &a, &b, bip, 5201, 128 << 10, SECS, Pin::NONE)?;
         veth.push((l, t));
         lo.push(iperf3(
             &lab,
@@ -84,13 +84,14 @@ fn run() -> Result<()> {
             5202,
             128 << 10,
             SECS,
+            Pin::NONE,
         )?);
 
         println!("round {round}/{ROUNDS}: accelerated (both pods enrolled)");
         lab.enroll(&a)?;
         lab.enroll(&b)?;
-        let l = sockperf_pingpong(&lab, &a, &b, bip, 11112, 64, SECS)?;
-        let t = iperf3(&lab, &a, &b, bip, 5203, 128 << 10, SECS)?;
+        let l = sockperf_pingpong(&lab, &a, &b, bip, 11112, 64, SECS, Pin::NONE)?;
+        let t = iperf3(&lab, &a, &b, bip, 5203, 128 << 10, SECS, Pin::NONE)?;
         accel.push((l, t));
         lab.unenroll(&a)?;
         lab.unenroll(&b)?;
@@ -170,6 +171,7 @@ fn sidecar_paths(lab: &Lab, a: &Pod, b: &Pod) -> Result<()> {
             12000 + round as u16,
             64,
             SECS,
+            Pin::NONE,
         )?);
         flush_iptables(lab, a)?;
         flush_iptables(lab, b)?;
@@ -185,6 +187,7 @@ fn sidecar_paths(lab: &Lab, a: &Pod, b: &Pod) -> Result<()> {
             12100 + round as u16,
             64,
             SECS,
+            Pin::NONE,
         )?);
         lab.unenroll(a)?;
         lab.unenroll(b)?;

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# meshlane's benchmark suite, in the lab (root; everything it creates is removed at the end).
+#   perf/run.sh            full run (about 15 minutes): results into perf/results/
+#   perf/run.sh --quick    the regression gates only (under 3 minutes): results into target/perf-quick/
+# Any other meshlane-bench option may follow (see `meshlane-bench --help`). Exit status 3: a
+# regression gate was missed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --locked --release --bins
+exec ./target/release/meshlane-bench "$@"

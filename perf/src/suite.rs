@@ -1,0 +1,922 @@
+//! The benchmark groups. Every group runs its variants interleaved (A B C A B C …) once per
+//! repetition, so slow drifts of a shared machine hit every variant alike, and checks from
+//! meshlane's own counters that each meshlane variant really took the path it is named after.
+
+use std::{
+    cell::Cell,
+    net::IpAddr,
+    os::fd::OwnedFd,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+use meshlane::state::SidecarSpec;
+use meshlane_lab::{
+    Lab, Pod,
+    bench::{Pin, cpu_busy_secs, iperf3, oha, sockperf_pingpong, sockperf_throughput, wrk},
+    bin, spawn_piped,
+    svc::{
+        Proc, flush_iptables, haproxy_sidecar, install_istio_iptables, iptables_restore,
+        kube_proxy_rules, nginx, run_in, services_summary, wait_applied, write_services,
+    },
+    wait_for_line,
+};
+
+use crate::{
+    Args, Group,
+    report::{Better, Check, Meta, Op, Plot, Report},
+};
+
+/// The VIP of the mesh group's Service (nginx on :80, sockperf servers on the ping-pong ports).
+const MESH_VIP: &str = "10.96.0.10";
+/// Ping-pong ports of the mesh group, each a port of the VIP too.
+const MESH_PORTS: std::ops::Range<u16> = 12000..12064;
+/// Keep-alive connections of the fixed-rate HTTP load, and of the saturating one.
+const OHA_CONNS: u32 = 8;
+const WRK_CONNS: u32 = 16;
+
+/// Client on CPU 0 and server on CPU 1, as pods on a node usually are; on a VM every message
+/// then also pays the wake-up of an idle vCPU.
+const TWO_CPUS: Pin = Pin::SPLIT;
+/// Client and server on CPU 1: the wake-up is a context switch, and the path itself shows.
+const ONE_CPU: Pin = Pin {
+    client: Some(1),
+    server: Some(1),
+};
+
+/// Ping-pong placements: metric id suffix, label, pinning.
+fn placements(quick: bool) -> &'static [(&'static str, &'static str, Pin)] {
+    if quick {
+        &[(".1cpu", "one CPU", ONE_CPU)]
+    } else {
+        &[("", "two CPUs", TWO_CPUS), (".1cpu", "one CPU", ONE_CPU)]
+    }
+}
+
+const POD: &str = "pod ↔ pod (same node)";
+const MESH: &str = "mesh: client → sidecar → sidecar → nginx, and proxyless";
+const DNAT: &str = "Service DNAT: new connections/s";
+
+const LOOPBACK: &str = "loopback";
+const VETH: &str = "veth";
+const ACCEL: &str = "accelerated";
+const IPT_SIDECAR: &str = "iptables sidecar";
+const ML_SIDECAR: &str = "meshlane sidecar";
+const PROXYLESS: &str = "proxyless VIP";
+const IPT_DNAT: &str = "iptables DNAT";
+const HOOK: &str = "connect hook";
+
+struct Bench<'a> {
+    args: &'a Args,
+    secs: u32,
+    lab: Lab,
+    a: Pod,
+    b: Pod,
+    k: Pod,
+    m: Pod,
+    services: std::path::PathBuf,
+    report: Report,
+    port: Cell<u16>,
+    mesh_port: Cell<u16>,
+}
+
+pub fn run(args: &Args) -> Result<Report> {
+    let t0 = Instant::now();
+    let started = utc_now();
+    // Per-program run time and count, for as long as this fd is open (BPF_ENABLE_STATS: the
+    // kernel turns it off again when the fd closes, also if this process dies).
+    let _stats: OwnedFd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling eBPF run-time statistics (BPF_ENABLE_STATS)")?;
+    let mut lab = Lab::new()?;
+    let a = lab.add_pod("client")?;
+    let b = lab.add_pod("server")?;
+    let k = lab.add_pod("kube-proxy-client")?;
+    let m = lab.add_pod("meshlane-client")?;
+    let services = lab.dir.join("services.yaml");
+    write_services(&services, mesh_services(&b))?;
+    lab.start_agent(&["--services", &services.display().to_string()])?;
+    println!(
+        "lab {}: pods {} {} {} {}; agent on {}",
+        lab.id,
+        a.ip,
+        b.ip,
+        k.ip,
+        m.ip,
+        lab.cgroup.display()
+    );
+    let mut bench = Bench {
+        args,
+        secs: args.secs.unwrap_or(if args.quick { 2 } else { 3 }),
+        lab,
+        a,
+        b,
+        k,
+        m,
+        services,
+        report: Report::default(),
+        port: Cell::new(20000),
+        mesh_port: Cell::new(MESH_PORTS.start),
+    };
+    if args.groups.contains(&Group::Pod) {
+        bench.pod_group()?;
+        if !args.quick && args.worst_rtt_round_trips > 0 {
+            bench.worst_rtt()?;
+        }
+    }
+    if args.groups.contains(&Group::Mesh) {
+        bench.mesh_group()?;
+    }
+    if args.groups.contains(&Group::Dnat) {
+        bench.dnat_group()?;
+    }
+
+    let mut report = std::mem::take(&mut bench.report);
+    report.meta = Meta {
+        mode: if args.quick { "quick" } else { "full" }.into(),
+        started,
+        duration_secs: t0.elapsed().as_secs_f64(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        cpu_model: crate::cpu_model(),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        commit: crate::commit(),
+        repetitions: args.reps as usize,
+        seconds_per_run: bench.secs,
+        pinning: "pod ↔ pod: ping-pong with client on CPU 0 and server on CPU 1 (two CPUs) and \
+                  with both on CPU 1 (one CPU); throughput runs on two CPUs; mesh and DNAT \
+                  groups unpinned"
+            .into(),
+        notes: [
+            "host CPU per request: busy time of all CPUs (user+nice+system+irq+softirq from \
+             /proc/stat) during the run ÷ requests answered — load generator, proxies, nginx and \
+             kernel together",
+            "eBPF per request: run time of all meshlane programs (BPF_ENABLE_STATS) during the \
+             run ÷ requests answered",
+            "HTTP fixed-rate latencies are oha's, corrected for coordinated omission",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(report.meta.notes.drain(..))
+        .collect(),
+    };
+    report.targets = targets(&report, args);
+    report.gates = gates(&report);
+    report.plots = plots(args);
+    report.evaluate();
+    report.write(args.out())?;
+    println!("\n{}", report.markdown());
+    bench.lab.teardown();
+    Ok(report)
+}
+
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn size_label(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
+fn vip(i: usize) -> String {
+    format!("10.100.{}.{}", i / 250, i % 250 + 1)
+}
+
+fn mesh_services(b: &Pod) -> String {
+    let mut s = format!(
+        "services:\n  - name: nginx\n    vip: {MESH_VIP}\n    port: 80\n    backends: [\"{}:80\"]\n",
+        b.ip
+    );
+    for p in MESH_PORTS {
+        s += &format!(
+            "  - name: sockperf-{p}\n    vip: {MESH_VIP}\n    port: {p}\n    backends: [\"{}:{p}\"]\n",
+            b.ip
+        );
+    }
+    s
+}
+
+fn pp_sizes(quick: bool) -> &'static [usize] {
+    if quick { &[64] } else { &[64, 1024, 4096] }
+}
+
+fn iperf_sizes(quick: bool) -> &'static [usize] {
+    if quick {
+        &[128 << 10]
+    } else {
+        &[64, 1 << 10, 16 << 10, 128 << 10, 1 << 20]
+    }
+}
+
+/// Busy CPU seconds and meshlane eBPF nanoseconds so far.
+fn usage() -> Result<(f64, u64)> {
+    let bpf_ns = aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("ml_")))
+        .map(|p| p.run_time().as_nanos() as u64)
+        .sum();
+    Ok((cpu_busy_secs()?, bpf_ns))
+}
+
+impl Bench<'_> {
+    fn next_port(&self) -> u16 {
+        let p = self.port.get();
+        self.port.set(p + 1);
+        p
+    }
+
+    fn next_mesh_port(&self) -> u16 {
+        let p = self.mesh_port.get();
+        let next = if p + 1 >= MESH_PORTS.end {
+            MESH_PORTS.start
+        } else {
+            p + 1
+        };
+        self.mesh_port.set(next);
+        p
+    }
+
+    fn counter(&self, name: &str) -> Result<u64> {
+        self.lab.counter(name)
+    }
+
+    /// Loopback, veth and accelerated pod ↔ pod: sockperf and iperf3.
+    fn pod_group(&mut self) -> Result<()> {
+        let quick = self.args.quick;
+        let variants: &[&str] = if quick {
+            &[VETH, ACCEL]
+        } else {
+            &[LOOPBACK, VETH, ACCEL]
+        };
+        let r = &mut self.report;
+        for &(suffix, label, _) in placements(quick) {
+            for &size in pp_sizes(quick) {
+                for q in ["p50", "p99"] {
+                    r.metric(
+                        &format!("pod.pp{size}.{q}{suffix}"),
+                        POD,
+                        &format!("sockperf ping-pong {}, {q}, {label}", size_label(size)),
+                        "µs",
+                        Better::Lower,
+                        VETH,
+                        variants,
+                    );
+                }
+            }
+        }
+        if !quick {
+            r.metric(
+                "pod.tp64",
+                POD,
+                "sockperf throughput 64 B, two CPUs",
+                "msg/s",
+                Better::Higher,
+                VETH,
+                variants,
+            );
+        }
+        for &len in iperf_sizes(quick) {
+            r.metric(
+                &format!("pod.iperf{len}"),
+                POD,
+                &format!("iperf3 {} writes, two CPUs", size_label(len)),
+                "Gbit/s",
+                Better::Higher,
+                VETH,
+                variants,
+            );
+        }
+        let reps = self.args.reps;
+        for rep in 1..=reps {
+            for &v in variants {
+                println!("[pod ↔ pod] repetition {rep}/{reps}: {v}");
+                let redirected = self.counter("msg_redirected")?;
+                if v == ACCEL {
+                    self.lab.enroll(&self.a)?;
+                    self.lab.enroll(&self.b)?;
+                }
+                let (server, ip): (&Pod, IpAddr) = if v == LOOPBACK {
+                    (&self.a, "127.0.0.1".parse()?)
+                } else {
+                    (&self.b, self.b.ip.into())
+                };
+                for &(suffix, _, pin) in placements(quick) {
+                    for &size in pp_sizes(quick) {
+                        let port = self.next_port();
+                        let l = sockperf_pingpong(
+                            &self.lab, &self.a, server, ip, port, size, self.secs, pin,
+                        )?;
+                        self.report
+                            .add(&format!("pod.pp{size}.p50{suffix}"), v, l.p50_us);
+                        self.report
+                            .add(&format!("pod.pp{size}.p99{suffix}"), v, l.p99_us);
+                    }
+                }
+                if !quick {
+                    let port = self.next_port();
+                    let tp = sockperf_throughput(
+                        &self.lab, &self.a, server, ip, port, 64, self.secs, TWO_CPUS,
+                    )?;
+                    self.report.add("pod.tp64", v, tp);
+                }
+                for &len in iperf_sizes(quick) {
+                    let port = self.next_port();
+                    let bps = iperf3(
+                        &self.lab, &self.a, server, ip, port, len, self.secs, TWO_CPUS,
+                    )?;
+                    self.report.add(&format!("pod.iperf{len}"), v, bps / 1e9);
+                }
+                let redirected = self.counter("msg_redirected")? - redirected;
+                if v == ACCEL {
+                    self.lab.unenroll(&self.a)?;
+                    self.lab.unenroll(&self.b)?;
+                    if redirected == 0 {
+                        bail!("the accelerated runs redirected no message: not the sk_msg path");
+                    }
+                } else if redirected != 0 {
+                    bail!("{redirected} messages were redirected in the {v} runs");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The worst round trip over `--worst-rtt-round-trips` ping-pongs on the accelerated path,
+    /// in runs long enough to reach that count.
+    fn worst_rtt(&mut self) -> Result<()> {
+        let want = self.args.worst_rtt_round_trips;
+        self.report.metric(
+            "pod.worst",
+            POD,
+            "worst round trip, 64 B ping-pong, two CPUs",
+            "ms",
+            Better::Lower,
+            ACCEL,
+            &[ACCEL],
+        );
+        let p50_us = self
+            .report
+            .get("pod.pp64.p50")
+            .and_then(|m| m.summary(ACCEL))
+            .map_or(30.0, |s| s.median);
+        self.lab.enroll(&self.a)?;
+        self.lab.enroll(&self.b)?;
+        let ip: IpAddr = self.b.ip.into();
+        let (mut seen, mut runs, mut worst) = (0u64, 0u32, 0f64);
+        while seen < want && runs < 10 {
+            let secs =
+                (((want - seen) as f64 * p50_us * 1.25 / 1e6).ceil() as u32 + 1).clamp(3, 300);
+            println!("[pod ↔ pod] worst round trip: {secs} s of ping-pong ({seen}/{want} so far)");
+            let port = self.next_port();
+            let l = sockperf_pingpong(&self.lab, &self.a, &self.b, ip, port, 64, secs, TWO_CPUS)?;
+            seen += l.observations;
+            worst = worst.max(l.max_us);
+            runs += 1;
+            self.report.add("pod.worst", ACCEL, l.max_us / 1e3);
+        }
+        self.lab.unenroll(&self.a)?;
+        self.lab.unenroll(&self.b)?;
+        if seen < want {
+            bail!("only {seen} of {want} round trips in {runs} runs");
+        }
+        self.report.meta.notes.push(format!(
+            "worst round trip: {:.3} ms over {seen} accelerated 64 B round trips ({runs} runs)",
+            worst / 1e3
+        ));
+        Ok(())
+    }
+
+    /// Sidecar paths and the proxyless VIP path: sockperf, oha at fixed rates, wrk.
+    fn mesh_group(&mut self) -> Result<()> {
+        let quick = self.args.quick;
+        let variants: &[&str] = if quick {
+            &[IPT_SIDECAR, ML_SIDECAR]
+        } else {
+            &[IPT_SIDECAR, ML_SIDECAR, PROXYLESS]
+        };
+        let r = &mut self.report;
+        for q in ["p50", "p99"] {
+            r.metric(
+                &format!("mesh.pp64.{q}"),
+                MESH,
+                &format!("sockperf ping-pong 64 B, {q}"),
+                "µs",
+                Better::Lower,
+                IPT_SIDECAR,
+                variants,
+            );
+        }
+        if !quick {
+            for &rate in &self.args.rates {
+                for (id, title, unit) in [
+                    ("p50", "p50", "µs"),
+                    ("p99", "p99", "µs"),
+                    ("cpu", "host CPU per request", "µs"),
+                    ("bpf", "eBPF run time per request", "ns"),
+                ] {
+                    r.metric(
+                        &format!("mesh.http{rate}.{id}"),
+                        MESH,
+                        &format!("HTTP 1 KiB at {rate}/s, {title}"),
+                        unit,
+                        Better::Lower,
+                        IPT_SIDECAR,
+                        variants,
+                    );
+                }
+            }
+            r.metric(
+                "mesh.wrk.rps",
+                MESH,
+                "HTTP 1 KiB at saturation (wrk), requests/s",
+                "req/s",
+                Better::Higher,
+                IPT_SIDECAR,
+                variants,
+            );
+            for (id, title) in [("p50", "p50"), ("cpu", "host CPU per request")] {
+                r.metric(
+                    &format!("mesh.wrk.{id}"),
+                    MESH,
+                    &format!("HTTP 1 KiB at saturation (wrk), {title}"),
+                    "µs",
+                    Better::Lower,
+                    IPT_SIDECAR,
+                    variants,
+                );
+            }
+        }
+
+        let www = self.lab.dir.join("www");
+        std::fs::create_dir_all(&www)?;
+        std::fs::write(www.join("1k"), vec![b'x'; 1024])?;
+        let _nginx = nginx(&self.lab, &self.b, "0.0.0.0:80", &www)?;
+        let _sidecars = [
+            haproxy_sidecar(&self.lab, &self.a)?,
+            haproxy_sidecar(&self.lab, &self.b)?,
+        ];
+        let reps = self.args.reps;
+        for rep in 1..=reps {
+            for &v in variants {
+                println!("[mesh] repetition {rep}/{reps}: {v}");
+                let before = (
+                    self.counter("capture_outbound")?,
+                    self.counter("svc_connect_translated")?,
+                    self.counter("msg_redirected")?,
+                );
+                match v {
+                    IPT_SIDECAR => {
+                        install_istio_iptables(&self.lab, &self.a)?;
+                        install_istio_iptables(&self.lab, &self.b)?;
+                    }
+                    ML_SIDECAR => {
+                        self.lab
+                            .enroll_with(&self.a, Some(SidecarSpec::default()))?;
+                        self.lab
+                            .enroll_with(&self.b, Some(SidecarSpec::default()))?;
+                    }
+                    _ => {
+                        self.lab.enroll(&self.a)?;
+                        self.lab.enroll(&self.b)?;
+                    }
+                }
+                let host = if v == PROXYLESS {
+                    MESH_VIP.to_string()
+                } else {
+                    self.b.ip.to_string()
+                };
+                let port = self.next_mesh_port();
+                let l = sockperf_pingpong(
+                    &self.lab,
+                    &self.a,
+                    &self.b,
+                    host.parse()?,
+                    port,
+                    64,
+                    self.secs,
+                    Pin::NONE,
+                )?;
+                self.report.add("mesh.pp64.p50", v, l.p50_us);
+                self.report.add("mesh.pp64.p99", v, l.p99_us);
+                let url = format!("http://{host}/1k");
+                if !quick {
+                    for &rate in &self.args.rates {
+                        let (cpu0, bpf0) = usage()?;
+                        let h = oha(&self.lab, &self.a, &url, rate, OHA_CONNS, self.secs, None)?;
+                        let (cpu1, bpf1) = usage()?;
+                        if h.errors > 0 || h.ok == 0 {
+                            bail!("oha at {rate}/s over {v}: {} ok, {} failed", h.ok, h.errors);
+                        }
+                        let n = h.ok as f64;
+                        let id = format!("mesh.http{rate}");
+                        self.report.add(&format!("{id}.p50"), v, h.p50_us);
+                        self.report.add(&format!("{id}.p99"), v, h.p99_us);
+                        self.report
+                            .add(&format!("{id}.cpu"), v, (cpu1 - cpu0) * 1e6 / n);
+                        self.report
+                            .add(&format!("{id}.bpf"), v, (bpf1 - bpf0) as f64 / n);
+                    }
+                    let (cpu0, _) = usage()?;
+                    let h = wrk(&self.lab, &self.a, &url, WRK_CONNS, self.secs, None)?;
+                    let (cpu1, _) = usage()?;
+                    if h.errors > 0 || h.ok == 0 {
+                        bail!("wrk over {v}: {} ok, {} failed", h.ok, h.errors);
+                    }
+                    self.report.add("mesh.wrk.rps", v, h.per_sec);
+                    self.report.add("mesh.wrk.p50", v, h.p50_us);
+                    self.report
+                        .add("mesh.wrk.cpu", v, (cpu1 - cpu0) * 1e6 / h.ok as f64);
+                }
+                let after = (
+                    self.counter("capture_outbound")?,
+                    self.counter("svc_connect_translated")?,
+                    self.counter("msg_redirected")?,
+                );
+                match v {
+                    IPT_SIDECAR => {
+                        flush_iptables(&self.lab, &self.a)?;
+                        flush_iptables(&self.lab, &self.b)?;
+                        if after != before {
+                            bail!(
+                                "meshlane touched the iptables sidecar runs: {before:?} → {after:?}"
+                            );
+                        }
+                    }
+                    _ => {
+                        self.lab.unenroll(&self.a)?;
+                        self.lab.unenroll(&self.b)?;
+                        let took = if v == ML_SIDECAR {
+                            after.0 > before.0 && after.2 > before.2
+                        } else {
+                            after.1 > before.1 && after.2 > before.2
+                        };
+                        if !took {
+                            bail!(
+                                "the {v} runs did not take meshlane's path: (capture_outbound, svc_connect_translated, msg_redirected) {before:?} → {after:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// New connections/s to one VIP among 1, 1,000 and 5,000 services.
+    fn dnat_group(&mut self) -> Result<()> {
+        let counts: &[usize] = if self.args.quick {
+            &[5000]
+        } else {
+            &[1, 1000, 5000]
+        };
+        for p in [&self.k, &self.m] {
+            run_in(
+                &self.lab,
+                p,
+                "ip",
+                &["route", "add", "default", "dev", "eth0"],
+            )?;
+        }
+        self.lab.enroll(&self.m)?;
+        let mut sink = self.lab.cmd(&self.b, bin("ml-svc")?)?;
+        sink.args(["sink", "--listen", "0.0.0.0:8080"]);
+        let mut sink = spawn_piped(&mut sink)?;
+        wait_for_line(&mut sink, std::time::Duration::from_secs(10), |l| {
+            l.starts_with("listening")
+        })?;
+        let _sink = Proc(sink);
+        let backend = format!("{}:8080", self.b.ip);
+        for &n in counts {
+            let measured = n / 2;
+            let id = format!("dnat.{n}");
+            self.report.metric(
+                &id,
+                DNAT,
+                &format!("to service {} of {n}", measured + 1),
+                "conn/s",
+                Better::Higher,
+                IPT_DNAT,
+                &[IPT_DNAT, HOOK],
+            );
+            println!("[DNAT] loading {n} services into iptables and into meshlane");
+            let mut text = String::from("services:\n");
+            for i in 0..n {
+                text += &format!(
+                    "  - name: svc-{i}\n    vip: {}\n    port: 80\n    backends: [\"{backend}\"]\n",
+                    vip(i)
+                );
+            }
+            let loads = services_summary(&self.lab)?["loads"].as_u64().unwrap_or(0);
+            write_services(&self.services, text)?;
+            let s = wait_applied(&self.lab, loads)?;
+            if s["services"].as_u64() != Some(n as u64) {
+                bail!("the agent holds {} services, not {n}", s["services"]);
+            }
+            iptables_restore(&self.lab, &self.k, &kube_proxy_rules(n, vip, &backend))?;
+            let to = format!("{}:80", vip(measured));
+            let reps = self.args.reps;
+            for rep in 1..=reps {
+                println!("[DNAT] {n} services, repetition {rep}/{reps}");
+                for (v, pod) in [(IPT_DNAT, &self.k), (HOOK, &self.m)] {
+                    let translated = self.counter("svc_connect_translated")?;
+                    let rate = connrate(&self.lab, pod, &to, self.secs)?;
+                    let translated = self.counter("svc_connect_translated")? - translated;
+                    if (v == HOOK) != (translated > 0) {
+                        bail!("{v}: the connect hook translated {translated} connects");
+                    }
+                    self.report.add(&id, v, rate);
+                }
+            }
+        }
+        flush_iptables(&self.lab, &self.k)?;
+        self.lab.unenroll(&self.m)?;
+        Ok(())
+    }
+}
+
+/// `ml-svc connrate` from `pod` to `to` for `secs`: connections/s, failing on any error.
+fn connrate(lab: &Lab, pod: &Pod, to: &str, secs: u32) -> Result<f64> {
+    let out = lab
+        .cmd(pod, bin("ml-svc")?)?
+        .args(["connrate", "--to", to, "--secs", &secs.to_string()])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("connrate: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if v["errors"].as_u64() != Some(0) {
+        bail!("connrate from {} to {to} saw errors: {v}", pod.name);
+    }
+    v["per_sec"].as_f64().context("connrate printed no per_sec")
+}
+
+/// The issue's targets, for the metrics this run measured.
+fn targets(r: &Report, args: &Args) -> Vec<Check> {
+    let mut t = Vec::new();
+    for &(suffix, label, _) in placements(false) {
+        t.push(Check::new(
+            &format!("p50 latency, sk_msg pod↔pod ÷ veth pod↔pod (64 B ping-pong, {label})"),
+            &format!("pod.pp64.p50{suffix}"),
+            ACCEL,
+            VETH,
+            Op::AtMost,
+            0.75,
+        ));
+        for size in pp_sizes(false) {
+            t.push(Check::new(
+                &format!(
+                    "p50 latency, sk_msg ÷ loopback ({} ping-pong, {label})",
+                    size_label(*size)
+                ),
+                &format!("pod.pp{size}.p50{suffix}"),
+                ACCEL,
+                LOOPBACK,
+                Op::AtMost,
+                0.90,
+            ));
+        }
+    }
+    for &rate in &args.rates {
+        let id = format!("mesh.http{rate}");
+        t.push(Check::new(
+            &format!("p50 latency, meshlane sidecar ÷ iptables sidecar (1 KiB HTTP, {rate}/s)"),
+            &format!("{id}.p50"),
+            ML_SIDECAR,
+            IPT_SIDECAR,
+            Op::AtMost,
+            0.80,
+        ));
+        t.push(Check::new(
+            &format!("p99 latency, meshlane sidecar ÷ iptables sidecar (1 KiB HTTP, {rate}/s)"),
+            &format!("{id}.p99"),
+            ML_SIDECAR,
+            IPT_SIDECAR,
+            Op::AtMost,
+            0.85,
+        ));
+        t.push(Check::new(
+            &format!("p50 latency, proxyless VIP ÷ iptables sidecar (1 KiB HTTP, {rate}/s)"),
+            &format!("{id}.p50"),
+            PROXYLESS,
+            IPT_SIDECAR,
+            Op::AtMost,
+            0.40,
+        ));
+    }
+    t.push(Check::new(
+        "iperf3 throughput, accelerated ÷ loopback, 128 KiB writes",
+        &format!("pod.iperf{}", 128 << 10),
+        ACCEL,
+        LOOPBACK,
+        Op::AtLeast,
+        0.95,
+    ));
+    t.push(Check::new(
+        "iperf3 throughput, accelerated ÷ loopback, 1 MiB writes",
+        &format!("pod.iperf{}", 1 << 20),
+        ACCEL,
+        LOOPBACK,
+        Op::AtLeast,
+        0.90,
+    ));
+    t.push(Check::new(
+        "new connections/s, connect hook ÷ iptables DNAT, 1 service",
+        "dnat.1",
+        HOOK,
+        IPT_DNAT,
+        Op::AtLeast,
+        1.0,
+    ));
+    t.push(Check::new(
+        "new connections/s, connect hook ÷ iptables DNAT, 5,000 services",
+        "dnat.5000",
+        HOOK,
+        IPT_DNAT,
+        Op::AtLeast,
+        1.3,
+    ));
+    for &rate in &args.rates {
+        t.push(Check::new(
+            &format!("host CPU per request, meshlane sidecar ÷ iptables sidecar (HTTP {rate}/s)"),
+            &format!("mesh.http{rate}.cpu"),
+            ML_SIDECAR,
+            IPT_SIDECAR,
+            Op::AtMost,
+            0.85,
+        ));
+    }
+    t.push(Check::new(
+        "worst round trip over 10⁶ ping-pongs, accelerated path",
+        "pod.worst",
+        ACCEL,
+        "",
+        Op::ValueBelow,
+        50.0,
+    ));
+    measured_only(r, t)
+}
+
+/// The checks whose metric and variants this run measured (`--groups` may leave some out).
+fn measured_only(r: &Report, mut checks: Vec<Check>) -> Vec<Check> {
+    checks.retain(|c| {
+        r.get(&c.metric).is_some_and(|m| {
+            let has = |v: &str| m.variant(v).is_some_and(|v| !v.samples.is_empty());
+            has(&c.variant) && (c.op == Op::ValueBelow || has(&c.base))
+        })
+    });
+    checks
+}
+
+/// Regression gates: acceleration and capture must keep helping. Ratios only, with margins
+/// wide enough for a noisy shared 2-CPU machine.
+fn gates(r: &Report) -> Vec<Check> {
+    let gates = vec![
+        Check::new(
+            "p50 latency, accelerated ÷ veth (64 B ping-pong, one CPU)",
+            "pod.pp64.p50.1cpu",
+            ACCEL,
+            VETH,
+            Op::AtMost,
+            0.95,
+        ),
+        Check::new(
+            "iperf3 throughput, accelerated ÷ veth (128 KiB writes)",
+            &format!("pod.iperf{}", 128 << 10),
+            ACCEL,
+            VETH,
+            Op::AtLeast,
+            1.0,
+        ),
+        Check::new(
+            "p50 latency, meshlane sidecar ÷ iptables sidecar (64 B ping-pong)",
+            "mesh.pp64.p50",
+            ML_SIDECAR,
+            IPT_SIDECAR,
+            Op::AtMost,
+            1.0,
+        ),
+        Check::new(
+            "new connections/s, connect hook ÷ iptables DNAT (5,000 services)",
+            "dnat.5000",
+            HOOK,
+            IPT_DNAT,
+            Op::AtLeast,
+            1.0,
+        ),
+    ];
+    measured_only(r, gates)
+}
+
+fn plots(args: &Args) -> Vec<Plot> {
+    let cat = |label: String, id: String| (label, id);
+    let mut mesh_latency = vec![cat("sockperf 64 B p50".into(), "mesh.pp64.p50".into())];
+    let mut mesh_cpu = Vec::new();
+    for &rate in &args.rates {
+        for q in ["p50", "p99"] {
+            mesh_latency.push(cat(
+                format!("HTTP {rate}/s {q}"),
+                format!("mesh.http{rate}.{q}"),
+            ));
+        }
+        mesh_cpu.push(cat(
+            format!("HTTP {rate}/s"),
+            format!("mesh.http{rate}.cpu"),
+        ));
+    }
+    mesh_cpu.push(cat("HTTP saturation".into(), "mesh.wrk.cpu".into()));
+    vec![
+        Plot {
+            file: "pod-latency.svg".into(),
+            title: "pod ↔ pod round trip, sockperf ping-pong, client and server on two CPUs".into(),
+            unit: "µs, lower is better".into(),
+            categories: pp_sizes(false)
+                .iter()
+                .map(|s| cat(format!("{} p50", size_label(*s)), format!("pod.pp{s}.p50")))
+                .chain([cat("64 B p99".into(), "pod.pp64.p99".into())])
+                .collect(),
+        },
+        Plot {
+            file: "pod-latency-1cpu.svg".into(),
+            title: "pod ↔ pod round trip, sockperf ping-pong, client and server on one CPU".into(),
+            unit: "µs, lower is better".into(),
+            categories: pp_sizes(false)
+                .iter()
+                .map(|s| {
+                    cat(
+                        format!("{} p50", size_label(*s)),
+                        format!("pod.pp{s}.p50.1cpu"),
+                    )
+                })
+                .chain([cat("64 B p99".into(), "pod.pp64.p99.1cpu".into())])
+                .collect(),
+        },
+        Plot {
+            file: "pod-iperf3.svg".into(),
+            title: "pod ↔ pod iperf3 single stream, by write size".into(),
+            unit: "Gbit/s, higher is better".into(),
+            categories: iperf_sizes(false)
+                .iter()
+                .map(|s| cat(size_label(*s), format!("pod.iperf{s}")))
+                .collect(),
+        },
+        Plot {
+            file: "mesh-latency.svg".into(),
+            title: "client → sidecars → nginx, and proxyless via a VIP".into(),
+            unit: "µs, lower is better".into(),
+            categories: mesh_latency,
+        },
+        Plot {
+            file: "mesh-cpu.svg".into(),
+            title: "host CPU per HTTP request".into(),
+            unit: "µs of CPU, lower is better".into(),
+            categories: mesh_cpu,
+        },
+        Plot {
+            file: "dnat-connrate.svg".into(),
+            title: "new connections/s to one VIP among N services".into(),
+            unit: "connections/s, higher is better".into(),
+            categories: [1, 1000, 5000]
+                .iter()
+                .map(|n| cat(format!("{n} services"), format!("dnat.{n}")))
+                .collect(),
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_dates() {
+        assert_eq!(size_label(64), "64 B");
+        assert_eq!(size_label(16 << 10), "16 KiB");
+        assert_eq!(size_label(1 << 20), "1 MiB");
+        let d = utc_now();
+        assert!(
+            d.len() == 20 && d.ends_with('Z') && d.starts_with("20"),
+            "{d}"
+        );
+    }
+}
