@@ -25,6 +25,8 @@ pub struct Metric {
     pub better: Better,
     /// The variant every ratio of this metric is taken against.
     pub baseline: String,
+    /// False where a ratio means nothing (eBPF time per request: the baseline runs none).
+    pub ratios: bool,
     pub variants: Vec<Variant>,
 }
 
@@ -182,10 +184,19 @@ pub struct Meta {
     pub notes: Vec<String>,
 }
 
+/// One eBPF program's totals over the whole run (BPF_ENABLE_STATS).
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramStat {
+    pub name: String,
+    pub runs: u64,
+    pub run_time_ns: u64,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub meta: Meta,
     pub metrics: Vec<Metric>,
+    pub programs: Vec<ProgramStat>,
     pub targets: Vec<Check>,
     pub gates: Vec<Check>,
     #[serde(skip)]
@@ -215,6 +226,7 @@ impl Report {
             unit: unit.into(),
             better,
             baseline: baseline.into(),
+            ratios: true,
             variants: variants
                 .iter()
                 .map(|v| Variant {
@@ -223,6 +235,13 @@ impl Report {
                 })
                 .collect(),
         });
+    }
+
+    /// Marks a metric as one whose ratios mean nothing.
+    pub fn without_ratios(&mut self, id: &str) {
+        if let Some(m) = self.metrics.iter_mut().find(|m| m.id == id) {
+            m.ratios = false;
+        }
     }
 
     /// Adds one sample; the metric and variant must have been declared.
@@ -332,6 +351,25 @@ impl Report {
             s += "\n## Regression gates (the run fails when one is missed)\n\n";
             s += &self.checks_markdown(&self.gates);
         }
+        if !self.programs.is_empty() {
+            s += "\n## meshlane's eBPF programs over the whole run\n\n\
+                  | program | runs | total (ms) | ns per run |\n|---|---|---|---|\n";
+            for p in &self.programs {
+                let per = if p.runs > 0 {
+                    p.run_time_ns as f64 / p.runs as f64
+                } else {
+                    0.0
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    p.name,
+                    p.runs,
+                    fmt(p.run_time_ns as f64 / 1e6),
+                    fmt(per)
+                );
+            }
+        }
         let mut groups: Vec<&str> = Vec::new();
         for m in &self.metrics {
             if !groups.contains(&m.group.as_str()) {
@@ -378,6 +416,7 @@ impl Report {
                     }
                     for o in &others {
                         let cell = match (m.ratio(o, &base), m.paired_ratios(o, &base)) {
+                            _ if !m.ratios => "—".into(),
                             (Some(r), Some(p)) => {
                                 format!("**{:.2}** ({:.2}–{:.2})", r, p.min, p.max)
                             }

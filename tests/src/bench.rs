@@ -95,8 +95,12 @@ fn sockperf(
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(250));
         let mut c = lab.cmd(client, "sockperf")?;
-        c.args([mode, "--tcp", "-i", &ip, "-p", &port])
-            .args(["-t", &secs.to_string(), "-m", &msg.to_string()]);
+        c.args([mode, "--tcp", "-i", &ip, "-p", &port]).args([
+            "-t",
+            &secs.to_string(),
+            "-m",
+            &msg.to_string(),
+        ]);
         pin(&mut c, pin_to.client);
         let o = c.output()?;
         let refused = String::from_utf8_lossy(&o.stderr).contains("Connection refused")
