@@ -94,7 +94,6 @@ struct Bench<'a> {
     lab: Lab,
     a: Pod,
     b: Pod,
-    k: Pod,
     m: Pod,
     services: std::path::PathBuf,
     report: Report,
@@ -112,17 +111,15 @@ pub fn run(args: &Args) -> Result<Report> {
     let mut lab = Lab::new()?;
     let a = lab.add_pod("client")?;
     let b = lab.add_pod("server")?;
-    let k = lab.add_pod("kube-proxy-client")?;
     let m = lab.add_pod("meshlane-client")?;
     let services = lab.dir.join("services.yaml");
     write_services(&services, mesh_services(&b))?;
     lab.start_agent(&["--services", &services.display().to_string()])?;
     println!(
-        "lab {}: pods {} {} {} {}; agent on {}",
+        "lab {}: pods {} {} {}; agent on {}",
         lab.id,
         a.ip,
         b.ip,
-        k.ip,
         m.ip,
         lab.cgroup.display()
     );
@@ -132,7 +129,6 @@ pub fn run(args: &Args) -> Result<Report> {
         lab,
         a,
         b,
-        k,
         m,
         services,
         report: Report::default(),
@@ -176,7 +172,7 @@ pub fn run(args: &Args) -> Result<Report> {
              kernel together",
             "eBPF per request: run time of all meshlane programs (BPF_ENABLE_STATS) during the \
              run ÷ requests answered",
-            "HTTP fixed-rate latencies are oha's, corrected for coordinated omission",
+            "HTTP at fixed rates: oha, latency measured from each request's actual send",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -704,14 +700,12 @@ impl Bench<'_> {
         } else {
             &[1, 1000, 5000]
         };
-        for p in [&self.k, &self.m] {
-            run_in(
-                &self.lab,
-                p,
-                "ip",
-                &["route", "add", "default", "dev", "eth0"],
-            )?;
-        }
+        run_in(
+            &self.lab,
+            &self.m,
+            "ip",
+            &["route", "add", "default", "dev", "eth0"],
+        )?;
         self.lab.enroll(&self.m)?;
         let mut sink = self.lab.cmd(&self.b, bin("ml-svc")?)?;
         sink.args(["sink", "--listen", "0.0.0.0:8080"]);
@@ -747,12 +741,22 @@ impl Bench<'_> {
             if s["services"].as_u64() != Some(n as u64) {
                 bail!("the agent holds {} services, not {n}", s["services"]);
             }
-            iptables_restore(&self.lab, &self.k, &kube_proxy_rules(n, vip, &backend))?;
+            // A fresh kube-proxy pod for every table size: conntrack entries of the previous
+            // size's connections (same backend, another VIP) would otherwise clash with new
+            // ones and turn this into a measurement of NAT clash resolution.
+            let k = self.lab.add_pod(&format!("kube-proxy-{n}"))?;
+            run_in(
+                &self.lab,
+                &k,
+                "ip",
+                &["route", "add", "default", "dev", "eth0"],
+            )?;
+            iptables_restore(&self.lab, &k, &kube_proxy_rules(n, vip, &backend))?;
             let to = format!("{}:80", vip(measured));
             let reps = self.args.reps;
             for rep in 1..=reps {
                 println!("[DNAT] {n} services, repetition {rep}/{reps}");
-                for (v, pod) in [(IPT_DNAT, &self.k), (HOOK, &self.m)] {
+                for (v, pod) in [(IPT_DNAT, &k), (HOOK, &self.m)] {
                     let translated = self.counter("svc_connect_translated")?;
                     let rate = connrate(&self.lab, pod, &to, self.secs)?;
                     let translated = self.counter("svc_connect_translated")? - translated;
@@ -763,7 +767,6 @@ impl Bench<'_> {
                 }
             }
         }
-        flush_iptables(&self.lab, &self.k)?;
         self.lab.unenroll(&self.m)?;
         Ok(())
     }
