@@ -134,8 +134,9 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// The commit being measured, with `-dirty` when the work tree has changes.
-pub fn commit() -> String {
+/// The commit being measured, with `-dirty` when the work tree has changes outside `out` (the
+/// results directory, which a run rewrites).
+pub fn commit(out: &std::path::Path) -> String {
     let git = |args: &[&str]| -> Option<String> {
         let o = std::process::Command::new("git").args(args).output().ok()?;
         o.status
@@ -144,8 +145,16 @@ pub fn commit() -> String {
     };
     match git(&["rev-parse", "--short=12", "HEAD"]) {
         Some(c) => {
-            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
-                .is_some_and(|s| !s.is_empty());
+            let exclude = format!(":(exclude){}", out.display());
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                &exclude,
+            ])
+            .is_some_and(|s| !s.is_empty());
             if dirty { format!("{c}-dirty") } else { c }
         }
         None => "unknown (not a git work tree)".into(),

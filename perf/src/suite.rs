@@ -104,6 +104,7 @@ struct Bench<'a> {
 pub fn run(args: &Args) -> Result<Report> {
     let t0 = Instant::now();
     let started = utc_now();
+    let commit = crate::commit(args.out());
     // Per-program run time and count, for as long as this fd is open (BPF_ENABLE_STATS: the
     // kernel turns it off again when the fd closes, also if this process dies).
     let _stats: OwnedFd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -159,7 +160,7 @@ pub fn run(args: &Args) -> Result<Report> {
             .unwrap_or_default(),
         cpu_model: crate::cpu_model(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        commit: crate::commit(),
+        commit,
         repetitions: args.reps as usize,
         seconds_per_run: bench.secs,
         pinning: "pod ↔ pod: ping-pong with client on CPU 0 and server on CPU 1 (two CPUs) and \
