@@ -52,7 +52,8 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=600))]
     pub secs: Option<u32>,
     /// Fixed request rates (requests/s) for the HTTP runs.
-    #[arg(long, value_delimiter = ',', default_value = "1000,4000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,4000",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub rates: Vec<u32>,
     /// Which groups to run: pod (pod ↔ pod), mesh (sidecars and proxyless), dnat (Service
     /// DNAT).

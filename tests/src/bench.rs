@@ -240,7 +240,8 @@ pub struct Http {
 }
 
 /// `oha` at a fixed rate (`qps` requests/s over `conns` keep-alive connections, `secs` seconds,
-/// latency corrected for coordinated omission) from `client` to `url`.
+/// latency measured from each request's actual send: at these rates nothing queues) from
+/// `client` to `url`.
 pub fn oha(
     lab: &Lab,
     client: &Pod,
