@@ -6,14 +6,20 @@
 //!
 //! - **pod ↔ pod**: loopback inside one pod, veth + bridge (not enrolled), accelerated (sk_msg):
 //!   sockperf ping-pong latency with client and server on two CPUs and on one, sockperf
-//!   throughput, iperf3 single stream at five write sizes, and the worst round trip over 10⁶
-//!   ping-pongs on the accelerated path;
+//!   throughput, iperf3 single stream at five write sizes (with each end's CPU), and the worst
+//!   round trip over 10⁶ ping-pongs on the accelerated path;
 //! - **mesh**: app → sidecar → sidecar → app with HAProxy captured by Istio's iptables REDIRECT
 //!   rules, the same captured by meshlane with acceleration, and proxyless pod → Service VIP →
 //!   pod: sockperf, nginx 1 KiB over HTTP at fixed rates (oha) and at saturation (wrk), host CPU
 //!   per request (`/proc/stat`) and eBPF run time per request (BPF_ENABLE_STATS);
 //! - **Service DNAT**: new connections/s to a VIP among 1, 1,000 and 5,000 services, kube-proxy
 //!   style iptables rules vs the connect hook.
+//!
+//! On a KVM guest whose idle vCPUs halt without polling first, the pod and mesh groups also run
+//! a "halt-polling" placement: two CPUs with the guest's halt-polling window at the kernel's
+//! default (`--halt-poll-ns`), set for those runs only and put back (also by the next lab run,
+//! should this one die). It separates what the hypervisor's wake-up costs from what the paths
+//! cost.
 //!
 //! Writes `results.json`, `results.md` and SVG plots into `--out`, and exits 3 when a regression
 //! gate (a ratio, never an absolute time) is missed. `--quick` runs the gates' workloads only.
@@ -64,6 +70,12 @@ pub struct Args {
         default_value = "pod,mesh,dnat"
     )]
     pub groups: Vec<Group>,
+    /// Halt-polling window (ns) of the "halt-polling" placement: on a KVM guest whose idle
+    /// vCPUs poll for less (some hosts boot guests with 0), the pod and mesh groups also run
+    /// with this window, set for those runs only and put back. 0: no such placement.
+    #[arg(long, default_value_t = 200_000,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub halt_poll_ns: u64,
     /// Round trips for the worst-case latency run on the accelerated path (0: skip).
     #[arg(long, default_value_t = 1_000_000)]
     pub worst_rtt_round_trips: u64,

@@ -13,7 +13,9 @@ use anyhow::{Context as _, Result, bail};
 use meshlane::state::SidecarSpec;
 use meshlane_lab::{
     Lab, Pod,
-    bench::{Pin, cpu_busy_secs, iperf3, oha, sockperf_pingpong, sockperf_throughput, wrk},
+    bench::{
+        HaltPoll, Pin, cpu_busy_secs, iperf3, oha, sockperf_pingpong, sockperf_throughput, wrk,
+    },
     bin, spawn_piped,
     svc::{
         Proc, flush_iptables, haproxy_sidecar, install_istio_iptables, iptables_restore,
@@ -35,31 +37,68 @@ const MESH_PORTS: std::ops::Range<u16> = 12000..12064;
 const OHA_CONNS: u32 = 8;
 const WRK_CONNS: u32 = 16;
 
-/// Client on CPU 0 and server on CPU 1, as pods on a node usually are; on a VM every message
-/// then also pays the wake-up of an idle vCPU.
-const TWO_CPUS: Pin = Pin::SPLIT;
-/// Client and server on CPU 1: the wake-up is a context switch, and the path itself shows.
-const ONE_CPU: Pin = Pin {
-    client: Some(1),
-    server: Some(1),
-};
-
-/// Ping-pong placements: metric id suffix, label, pinning.
-fn placements(quick: bool) -> &'static [(&'static str, &'static str, Pin)] {
-    if quick {
-        &[(".1cpu", "one CPU", ONE_CPU)]
-    } else {
-        &[("", "two CPUs", TWO_CPUS), (".1cpu", "one CPU", ONE_CPU)]
-    }
+/// Where a placement's processes run, and whether idle vCPUs poll before halting.
+#[derive(Clone, Copy, Debug)]
+struct Placement {
+    /// Suffix of the metric ids measured in this placement.
+    suffix: &'static str,
+    label: &'static str,
+    /// Pod ↔ pod client and server.
+    pin: Pin,
+    /// Every process of the mesh group (None: wherever the scheduler puts them).
+    mesh_cpu: Option<usize>,
+    /// Whether iperf3 runs here too (it needs two CPUs).
+    streams: bool,
+    /// Runs with the guest's halt-polling window set to `--halt-poll-ns`.
+    halt_poll: bool,
 }
 
-/// Mesh placements: metric id suffix, label, the CPU every process runs on (None: any).
-fn mesh_placements(quick: bool) -> &'static [(&'static str, &'static str, Option<usize>)] {
-    if quick {
-        &[(".1cpu", "one CPU", Some(1))]
-    } else {
-        &[("", "two CPUs", None), (".1cpu", "one CPU", Some(1))]
+/// Client on CPU 0 and server on CPU 1, as pods on a node usually are; on a VM every message
+/// then also pays the wake-up of an idle vCPU.
+const TWO_CPUS: Placement = Placement {
+    suffix: "",
+    label: "two CPUs",
+    pin: Pin::SPLIT,
+    mesh_cpu: None,
+    streams: true,
+    halt_poll: false,
+};
+/// The same with idle vCPUs polling before they halt (the kernel's default for KVM guests):
+/// a wake-up no longer waits for the hypervisor, as on bare metal.
+const TWO_CPUS_POLL: Placement = Placement {
+    suffix: ".poll",
+    label: "two CPUs, halt-polling",
+    halt_poll: true,
+    ..TWO_CPUS
+};
+/// Client and server on CPU 1: the wake-up is a context switch, and the path itself shows.
+const ONE_CPU: Placement = Placement {
+    suffix: ".1cpu",
+    label: "one CPU",
+    pin: Pin {
+        client: Some(1),
+        server: Some(1),
+    },
+    mesh_cpu: Some(1),
+    streams: false,
+    halt_poll: false,
+};
+/// Every placement a full run can measure, in the order of the report.
+const ALL_PLACEMENTS: [Placement; 3] = [TWO_CPUS, TWO_CPUS_POLL, ONE_CPU];
+
+/// The placements this run measures: the quick run only one CPU (steadiest on a shared
+/// machine); halt-polling only where the machine has a window to change and does not already
+/// poll that long.
+fn placements(args: &Args) -> Vec<Placement> {
+    if args.quick {
+        return vec![ONE_CPU];
     }
+    let poll =
+        args.halt_poll_ns > 0 && HaltPoll::current().is_some_and(|now| now < args.halt_poll_ns);
+    ALL_PLACEMENTS
+        .into_iter()
+        .filter(|p| poll || !p.halt_poll)
+        .collect()
 }
 
 /// Per-request figures of an HTTP run: id, title, unit.
@@ -99,6 +138,7 @@ struct Bench<'a> {
     report: Report,
     port: Cell<u16>,
     mesh_port: Cell<u16>,
+    placements: Vec<Placement>,
 }
 
 pub fn run(args: &Args) -> Result<Report> {
@@ -135,7 +175,26 @@ pub fn run(args: &Args) -> Result<Report> {
         report: Report::default(),
         port: Cell::new(20000),
         mesh_port: Cell::new(MESH_PORTS.start),
+        placements: placements(args),
     };
+    let machine_poll = HaltPoll::current();
+    if !args.quick {
+        bench.report.meta.notes.push(match machine_poll {
+            Some(ns) if bench.placements.iter().any(|p| p.halt_poll) => format!(
+                "halt-polling: this guest's idle vCPUs poll for {ns} ns before halting; the \
+                 \"halt-polling\" placement raises that to {} ns (the kernel's default) for \
+                 its runs and puts it back",
+                args.halt_poll_ns
+            ),
+            Some(ns) => format!(
+                "halt-polling: this guest's idle vCPUs poll for {ns} ns before halting; no \
+                 separate halt-polling placement"
+            ),
+            None => "halt-polling: no cpuidle haltpoll governor (not a KVM guest, or it is \
+                     not used); no separate halt-polling placement"
+                .into(),
+        });
+    }
     if args.groups.contains(&Group::Pod) {
         bench.pod_group()?;
         if !args.quick && args.worst_rtt_round_trips > 0 {
@@ -163,9 +222,9 @@ pub fn run(args: &Args) -> Result<Report> {
         commit,
         repetitions: args.reps as usize,
         seconds_per_run: bench.secs,
-        pinning: "pod ↔ pod: ping-pong with client on CPU 0 and server on CPU 1 (two CPUs) and \
-                  with both on CPU 1 (one CPU); throughput runs on two CPUs; mesh and DNAT \
-                  groups unpinned"
+        pinning: "pod ↔ pod: client on CPU 0 and server on CPU 1 (two CPUs, also with \
+                  halt-polling) and both on CPU 1 (one CPU); throughput runs on two CPUs; mesh \
+                  group unpinned (two CPUs) and all on CPU 1 (one CPU); DNAT group unpinned"
             .into(),
         notes: [
             "host CPU per request: busy time of all CPUs (user+nice+system+irq+softirq from \
@@ -182,7 +241,7 @@ pub fn run(args: &Args) -> Result<Report> {
     };
     report.targets = targets(&report, args);
     report.gates = gates(&report);
-    report.plots = plots(args);
+    report.plots = plots(args, &bench.placements);
     report.evaluate();
     report.write(args.out())?;
     println!("\n{}", report.markdown());
@@ -305,14 +364,15 @@ impl Bench<'_> {
         } else {
             &[LOOPBACK, VETH, ACCEL]
         };
+        let placements = self.placements.clone();
         let r = &mut self.report;
-        for &(suffix, label, _) in placements(quick) {
+        for p in &placements {
             for &size in pp_sizes(quick) {
                 for q in ["p50", "p99"] {
                     r.metric(
-                        &format!("pod.pp{size}.{q}{suffix}"),
+                        &format!("pod.pp{size}.{q}{}", p.suffix),
                         POD,
-                        &format!("sockperf ping-pong {}, {q}, {label}", size_label(size)),
+                        &format!("sockperf ping-pong {}, {q}, {}", size_label(size), p.label),
                         "µs",
                         Better::Lower,
                         VETH,
@@ -332,16 +392,34 @@ impl Bench<'_> {
                 variants,
             );
         }
-        for &len in iperf_sizes(quick) {
-            r.metric(
-                &format!("pod.iperf{len}"),
-                POD,
-                &format!("iperf3 {} writes, two CPUs", size_label(len)),
-                "Gbit/s",
-                Better::Higher,
-                VETH,
-                variants,
-            );
+        // Streams need two CPUs: the quick run, which pings on one CPU, streams on two.
+        let streams: Vec<Placement> = if quick {
+            vec![TWO_CPUS]
+        } else {
+            placements.iter().copied().filter(|p| p.streams).collect()
+        };
+        for p in &streams {
+            for &len in iperf_sizes(quick) {
+                let id = format!("pod.iperf{len}{}", p.suffix);
+                let what = format!("iperf3 {} writes, {}", size_label(len), p.label);
+                r.metric(&id, POD, &what, "Gbit/s", Better::Higher, VETH, variants);
+                if quick {
+                    continue;
+                }
+                for (end, who) in [("cpus", "sender"), ("cpur", "receiver")] {
+                    let id = format!("pod.iperf{len}.{end}{}", p.suffix);
+                    r.metric(
+                        &id,
+                        POD,
+                        &format!("{what}: {who} process CPU"),
+                        "% of a CPU",
+                        Better::Lower,
+                        VETH,
+                        variants,
+                    );
+                    r.without_ratios(&id);
+                }
+            }
         }
         let reps = self.args.reps;
         for rep in 1..=reps {
@@ -357,31 +435,38 @@ impl Bench<'_> {
                 } else {
                     (&self.b, self.b.ip.into())
                 };
-                for &(suffix, _, pin) in placements(quick) {
+                for p in &placements {
+                    let _poll = self.halt_poll(p)?;
                     for &size in pp_sizes(quick) {
                         let port = self.next_port();
                         let l = sockperf_pingpong(
-                            &self.lab, &self.a, server, ip, port, size, self.secs, pin,
+                            &self.lab, &self.a, server, ip, port, size, self.secs, p.pin,
                         )?;
-                        self.report
-                            .add(&format!("pod.pp{size}.p50{suffix}"), v, l.p50_us);
-                        self.report
-                            .add(&format!("pod.pp{size}.p99{suffix}"), v, l.p99_us);
+                        let r = &mut self.report;
+                        r.add(&format!("pod.pp{size}.p50{}", p.suffix), v, l.p50_us);
+                        r.add(&format!("pod.pp{size}.p99{}", p.suffix), v, l.p99_us);
                     }
                 }
-                if !quick {
-                    let port = self.next_port();
-                    let tp = sockperf_throughput(
-                        &self.lab, &self.a, server, ip, port, 64, self.secs, TWO_CPUS,
-                    )?;
-                    self.report.add("pod.tp64", v, tp);
-                }
-                for &len in iperf_sizes(quick) {
-                    let port = self.next_port();
-                    let bps = iperf3(
-                        &self.lab, &self.a, server, ip, port, len, self.secs, TWO_CPUS,
-                    )?;
-                    self.report.add(&format!("pod.iperf{len}"), v, bps / 1e9);
+                for p in &streams {
+                    let _poll = self.halt_poll(p)?;
+                    if !quick && !p.halt_poll {
+                        let port = self.next_port();
+                        let tp = sockperf_throughput(
+                            &self.lab, &self.a, server, ip, port, 64, self.secs, p.pin,
+                        )?;
+                        self.report.add("pod.tp64", v, tp);
+                    }
+                    for &len in iperf_sizes(quick) {
+                        let port = self.next_port();
+                        let t =
+                            iperf3(&self.lab, &self.a, server, ip, port, len, self.secs, p.pin)?;
+                        let (r, sfx) = (&mut self.report, p.suffix);
+                        r.add(&format!("pod.iperf{len}{sfx}"), v, t.bits_per_sec / 1e9);
+                        if !quick {
+                            r.add(&format!("pod.iperf{len}.cpus{sfx}"), v, t.sender_cpu_pct);
+                            r.add(&format!("pod.iperf{len}.cpur{sfx}"), v, t.receiver_cpu_pct);
+                        }
+                    }
                 }
                 let redirected = self.counter("msg_redirected")? - redirected;
                 if v == ACCEL {
@@ -396,6 +481,14 @@ impl Bench<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The guest's halt-polling window for the runs of placement `p`, while the guard lives.
+    fn halt_poll(&self, p: &Placement) -> Result<Option<HaltPoll>> {
+        if !p.halt_poll {
+            return Ok(None);
+        }
+        HaltPoll::set(&self.lab, self.args.halt_poll_ns).map(Some)
     }
 
     /// The worst round trip over `--worst-rtt-round-trips` ping-pongs on the accelerated path,
@@ -425,7 +518,16 @@ impl Bench<'_> {
                 (((want - seen) as f64 * p50_us * 1.25 / 1e6).ceil() as u32 + 1).clamp(3, 300);
             println!("[pod ↔ pod] worst round trip: {secs} s of ping-pong ({seen}/{want} so far)");
             let port = self.next_port();
-            let l = sockperf_pingpong(&self.lab, &self.a, &self.b, ip, port, 64, secs, TWO_CPUS)?;
+            let l = sockperf_pingpong(
+                &self.lab,
+                &self.a,
+                &self.b,
+                ip,
+                port,
+                64,
+                secs,
+                TWO_CPUS.pin,
+            )?;
             seen += l.observations;
             worst = worst.max(l.max_us);
             runs += 1;
@@ -452,9 +554,12 @@ impl Bench<'_> {
         } else {
             &[IPT_SIDECAR, ML_SIDECAR, PROXYLESS]
         };
-        let placements = mesh_placements(quick);
+        let placements = self.placements.clone();
         let r = &mut self.report;
-        for &(sfx, label, _) in placements {
+        for &Placement {
+            suffix: sfx, label, ..
+        } in &placements
+        {
             let mut declare = |id: String, title: String, unit: &str, better: Better| {
                 r.metric(
                     &format!("{id}{sfx}"),
@@ -524,11 +629,12 @@ impl Bench<'_> {
         ];
         let reps = self.args.reps;
         for rep in 1..=reps {
-            for &(sfx, label, cpu) in placements {
-                self.place_servers(cpu)?;
+            for p in &placements {
+                self.place_servers(p.mesh_cpu)?;
+                let _poll = self.halt_poll(p)?;
                 for &v in variants {
-                    println!("[mesh] repetition {rep}/{reps}, {label}: {v}");
-                    self.mesh_variant(v, sfx, cpu)?;
+                    println!("[mesh] repetition {rep}/{reps}, {}: {v}", p.label);
+                    self.mesh_variant(v, p.suffix, p.mesh_cpu)?;
                 }
             }
         }
@@ -790,7 +896,7 @@ fn connrate(lab: &Lab, pod: &Pod, to: &str, secs: u32) -> Result<f64> {
 /// The issue's targets, for the metrics this run measured.
 fn targets(r: &Report, args: &Args) -> Vec<Check> {
     let mut t = Vec::new();
-    for &(suffix, label, _) in placements(false) {
+    for Placement { suffix, label, .. } in ALL_PLACEMENTS {
         t.push(Check::new(
             &format!("p50 latency, sk_msg pod↔pod ÷ veth pod↔pod (64 B ping-pong, {label})"),
             &format!("pod.pp64.p50{suffix}"),
@@ -813,7 +919,10 @@ fn targets(r: &Report, args: &Args) -> Vec<Check> {
             ));
         }
     }
-    for &(sfx, label, _) in mesh_placements(false) {
+    for Placement {
+        suffix: sfx, label, ..
+    } in ALL_PLACEMENTS
+    {
         for &rate in &args.rates {
             let id = format!("mesh.http{rate}");
             let http = format!("1 KiB HTTP at {rate}/s, {label}");
@@ -845,22 +954,22 @@ fn targets(r: &Report, args: &Args) -> Vec<Check> {
             }
         }
     }
-    t.push(Check::new(
-        "iperf3 throughput, accelerated ÷ loopback, 128 KiB writes",
-        &format!("pod.iperf{}", 128 << 10),
-        ACCEL,
-        LOOPBACK,
-        Op::AtLeast,
-        0.95,
-    ));
-    t.push(Check::new(
-        "iperf3 throughput, accelerated ÷ loopback, 1 MiB writes",
-        &format!("pod.iperf{}", 1 << 20),
-        ACCEL,
-        LOOPBACK,
-        Op::AtLeast,
-        0.90,
-    ));
+    for p in ALL_PLACEMENTS.iter().filter(|p| p.streams) {
+        for (len, threshold) in [(128 << 10, 0.95), (1 << 20, 0.90)] {
+            t.push(Check::new(
+                &format!(
+                    "iperf3 throughput, accelerated ÷ loopback, {} writes ({})",
+                    size_label(len),
+                    p.label
+                ),
+                &format!("pod.iperf{len}{}", p.suffix),
+                ACCEL,
+                LOOPBACK,
+                Op::AtLeast,
+                threshold,
+            ));
+        }
+    }
     t.push(Check::new(
         "new connections/s, connect hook ÷ iptables DNAT, 1 service",
         "dnat.1",
@@ -939,10 +1048,51 @@ fn gates(r: &Report) -> Vec<Check> {
     measured_only(r, gates)
 }
 
-fn plots(args: &Args) -> Vec<Plot> {
+fn plots(args: &Args, placements: &[Placement]) -> Vec<Plot> {
     let cat = |label: String, id: String| (label, id);
-    let mut mesh = Vec::new();
-    for &(sfx, label, _) in mesh_placements(false) {
+    let mut out = Vec::new();
+    for p in placements {
+        let (sfx, label) = (p.suffix, p.label);
+        let file = sfx.replace('.', "-");
+        out.push(Plot {
+            file: format!("pod-latency{file}.svg"),
+            title: format!("pod ↔ pod round trip, sockperf ping-pong ({label})"),
+            unit: "µs, lower is better".into(),
+            categories: pp_sizes(false)
+                .iter()
+                .map(|s| {
+                    cat(
+                        format!("{} p50", size_label(*s)),
+                        format!("pod.pp{s}.p50{sfx}"),
+                    )
+                })
+                .chain([cat("64 B p99".into(), format!("pod.pp64.p99{sfx}"))])
+                .collect(),
+        });
+        if p.streams {
+            out.push(Plot {
+                file: format!("pod-iperf3{file}.svg"),
+                title: format!("pod ↔ pod iperf3 single stream, by write size ({label})"),
+                unit: "Gbit/s, higher is better".into(),
+                categories: iperf_sizes(false)
+                    .iter()
+                    .map(|s| cat(size_label(*s), format!("pod.iperf{s}{sfx}")))
+                    .collect(),
+            });
+        }
+    }
+    out.push(Plot {
+        file: "dnat-connrate.svg".into(),
+        title: "new connections/s to one VIP among N services".into(),
+        unit: "connections/s, higher is better".into(),
+        categories: [1, 1000, 5000]
+            .iter()
+            .map(|n| cat(format!("{n} services"), format!("dnat.{n}")))
+            .collect(),
+    });
+    for p in placements {
+        let (sfx, label) = (p.suffix, p.label);
+        let file = sfx.replace('.', "-");
         let mut latency = vec![cat(
             "sockperf 64 B p50".into(),
             format!("mesh.pp64.p50{sfx}"),
@@ -964,72 +1114,20 @@ fn plots(args: &Args) -> Vec<Plot> {
             "HTTP saturation".into(),
             format!("mesh.wrk.cpucg{sfx}"),
         ));
-        let file = if sfx.is_empty() {
-            String::new()
-        } else {
-            "-1cpu".into()
-        };
-        mesh.push(Plot {
+        out.push(Plot {
             file: format!("mesh-latency{file}.svg"),
             title: format!("client → sidecars → nginx, and proxyless via a VIP ({label})"),
             unit: "µs, lower is better".into(),
             categories: latency,
         });
-        mesh.push(Plot {
+        out.push(Plot {
             file: format!("mesh-cpu{file}.svg"),
             title: format!("CPU per HTTP request, pods' cgroups ({label})"),
             unit: "µs of CPU, lower is better".into(),
             categories: cpu,
         });
     }
-    vec![
-        Plot {
-            file: "pod-latency.svg".into(),
-            title: "pod ↔ pod round trip, sockperf ping-pong, client and server on two CPUs".into(),
-            unit: "µs, lower is better".into(),
-            categories: pp_sizes(false)
-                .iter()
-                .map(|s| cat(format!("{} p50", size_label(*s)), format!("pod.pp{s}.p50")))
-                .chain([cat("64 B p99".into(), "pod.pp64.p99".into())])
-                .collect(),
-        },
-        Plot {
-            file: "pod-latency-1cpu.svg".into(),
-            title: "pod ↔ pod round trip, sockperf ping-pong, client and server on one CPU".into(),
-            unit: "µs, lower is better".into(),
-            categories: pp_sizes(false)
-                .iter()
-                .map(|s| {
-                    cat(
-                        format!("{} p50", size_label(*s)),
-                        format!("pod.pp{s}.p50.1cpu"),
-                    )
-                })
-                .chain([cat("64 B p99".into(), "pod.pp64.p99.1cpu".into())])
-                .collect(),
-        },
-        Plot {
-            file: "pod-iperf3.svg".into(),
-            title: "pod ↔ pod iperf3 single stream, by write size".into(),
-            unit: "Gbit/s, higher is better".into(),
-            categories: iperf_sizes(false)
-                .iter()
-                .map(|s| cat(size_label(*s), format!("pod.iperf{s}")))
-                .collect(),
-        },
-        Plot {
-            file: "dnat-connrate.svg".into(),
-            title: "new connections/s to one VIP among N services".into(),
-            unit: "connections/s, higher is better".into(),
-            categories: [1, 1000, 5000]
-                .iter()
-                .map(|n| cat(format!("{n} services"), format!("dnat.{n}")))
-                .collect(),
-        },
-    ]
-    .into_iter()
-    .chain(mesh)
-    .collect()
+    out
 }
 
 #[cfg(test)]

@@ -14,6 +14,88 @@ use serde_json::Value;
 
 use crate::{Lab, Pod, spawn_piped, wait_for_line};
 
+/// The guest's halt-polling window: how long (ns) the cpuidle `haltpoll` governor lets an idle
+/// vCPU poll before it halts. Halting hands the vCPU back to the hypervisor, and waking it again
+/// costs tens of µs; the kernel's default window is 200 µs, some hosts boot their guests with 0.
+const HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+const CPUIDLE_GOVERNOR: [&str; 2] = [
+    "/sys/devices/system/cpu/cpuidle/current_governor",
+    "/sys/devices/system/cpu/cpuidle/current_governor_ro",
+];
+/// In a lab's directory while its run has the window changed: the value to put back, also by
+/// the next run if this one dies first.
+pub(crate) const HALT_POLL_RECORD: &str = "halt-poll-ns.orig";
+
+/// The machine's halt-polling window changed for a measurement, put back when dropped.
+pub struct HaltPoll {
+    orig: u64,
+    record: std::path::PathBuf,
+}
+
+impl HaltPoll {
+    /// The current window, if this machine is a guest whose idle vCPUs the `haltpoll`
+    /// governor runs (elsewhere the knob does not exist or does nothing).
+    pub fn current() -> Option<u64> {
+        let governor = CPUIDLE_GOVERNOR
+            .iter()
+            .find_map(|p| std::fs::read_to_string(p).ok())?;
+        if governor.trim() != "haltpoll" {
+            return None;
+        }
+        std::fs::read_to_string(HALT_POLL_NS)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Sets the window to `ns` until the guard is dropped, first recording the old value in
+    /// the lab's directory.
+    pub fn set(lab: &Lab, ns: u64) -> Result<HaltPoll> {
+        let orig = HaltPoll::current()
+            .context("no cpuidle haltpoll governor on this machine: halt-polling cannot be set")?;
+        let record = lab.dir.join(HALT_POLL_RECORD);
+        if record.exists() {
+            bail!(
+                "halt-polling is already changed by this lab ({})",
+                record.display()
+            );
+        }
+        std::fs::write(&record, orig.to_string())
+            .with_context(|| format!("writing {}", record.display()))?;
+        let guard = HaltPoll { orig, record };
+        std::fs::write(HALT_POLL_NS, ns.to_string())
+            .with_context(|| format!("writing {ns} to {HALT_POLL_NS}"))?;
+        Ok(guard)
+    }
+}
+
+impl Drop for HaltPoll {
+    fn drop(&mut self) {
+        match std::fs::write(HALT_POLL_NS, self.orig.to_string()) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&self.record);
+            }
+            Err(e) => eprintln!(
+                "could not put {HALT_POLL_NS} back to {} ({e}); the next lab run retries",
+                self.orig
+            ),
+        }
+    }
+}
+
+/// Puts back the halt-polling window a dead run recorded in `dir`, if it did.
+pub(crate) fn restore_halt_poll(dir: &std::path::Path) {
+    let record = dir.join(HALT_POLL_RECORD);
+    if let Some(orig) = std::fs::read_to_string(&record)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        && std::fs::write(HALT_POLL_NS, orig.to_string()).is_ok()
+    {
+        let _ = std::fs::remove_file(&record);
+    }
+}
+
 /// Round-trip latency percentiles in microseconds, and how many round trips were observed.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Latency {
@@ -195,7 +277,7 @@ pub fn iperf3(
     len: usize,
     secs: u32,
     pin_to: Pin,
-) -> Result<f64> {
+) -> Result<Stream> {
     let mut srv = lab.cmd(server, "iperf3")?;
     pin(&mut srv, pin_to.server);
     srv.args([
@@ -222,9 +304,28 @@ pub fn iperf3(
     if let Some(e) = v["error"].as_str() {
         bail!("iperf3: {e}");
     }
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 JSON has no end.sum_received.bits_per_second")
+    parse_iperf3(&v).with_context(|| format!("iperf3 JSON without the figures: {v}"))
+}
+
+/// What one iperf3 stream achieved, and what its two ends cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stream {
+    /// Received bits per second.
+    pub bits_per_sec: f64,
+    /// CPU time of the sending and of the receiving process (user + system) over the run's
+    /// wall time, in percent of one CPU: a sender far below 100 % spent the run asleep.
+    pub sender_cpu_pct: f64,
+    pub receiver_cpu_pct: f64,
+}
+
+/// The figures of an `iperf3 -c … -J` report (the client sends).
+pub fn parse_iperf3(v: &Value) -> Option<Stream> {
+    let cpu = &v["end"]["cpu_utilization_percent"];
+    Some(Stream {
+        bits_per_sec: v["end"]["sum_received"]["bits_per_second"].as_f64()?,
+        sender_cpu_pct: cpu["host_total"].as_f64()?,
+        receiver_cpu_pct: cpu["remote_total"].as_f64()?,
+    })
 }
 
 /// What an HTTP load run saw.
@@ -406,6 +507,27 @@ pub fn median(xs: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_iperf3_report() {
+        // The end of a real `iperf3 -c 127.0.0.1 -J` report (iperf 3.12).
+        let v: Value = serde_json::from_str(
+            r#"{"end": {"sum_received": {"bytes": 2774794240, "bits_per_second": 22188391332.2918},
+                "cpu_utilization_percent": {"host_total": 98.12826194754544,
+                "host_user": 0.8376925740089816, "host_system": 97.29066914635375,
+                "remote_total": 37.7235453807618, "remote_user": 1.542678026683512,
+                "remote_system": 36.18096730730018}}}"#,
+        )
+        .unwrap();
+        let s = parse_iperf3(&v).unwrap();
+        assert_eq!(s.bits_per_sec, 22188391332.2918);
+        assert_eq!(s.sender_cpu_pct, 98.12826194754544);
+        assert_eq!(s.receiver_cpu_pct, 37.7235453807618);
+        // A report without CPU figures is refused, not read as zero.
+        let mut v = v;
+        v["end"]["cpu_utilization_percent"] = Value::Null;
+        assert_eq!(parse_iperf3(&v), None);
+    }
 
     #[test]
     fn parses_sockperf_summary() {

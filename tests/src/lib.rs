@@ -155,6 +155,7 @@ fn collect_dirs(d: &Path, out: &mut Vec<PathBuf>) {
 }
 
 fn remove_lab_dir(dir: &Path) {
+    bench::restore_halt_poll(dir);
     // The agent's bpffs is mounted inside; unmount it (with everything pinned there) first.
     let bpffs = dir.join("bpffs");
     if meshlane::sys::is_bpffs(&bpffs).unwrap_or(false) {

@@ -74,24 +74,27 @@ fn run() -> Result<()> {
         // Baselines: not enrolled — the veth + bridge path, and loopback inside one pod.
         println!("round {round}/{ROUNDS}: veth path (not enrolled)");
         let l = sockperf_pingpong(&lab, &a, &b, bip, 11111, 64, SECS, Pin::NONE)?;
-        let t = iperf3(&lab, &a, &b, bip, 5201, 128 << 10, SECS, Pin::NONE)?;
+        let t = iperf3(&lab, &a, &b, bip, 5201, 128 << 10, SECS, Pin::NONE)?.bits_per_sec;
         veth.push((l, t));
-        lo.push(iperf3(
-            &lab,
-            &a,
-            &a,
-            "127.0.0.1".parse()?,
-            5202,
-            128 << 10,
-            SECS,
-            Pin::NONE,
-        )?);
+        lo.push(
+            iperf3(
+                &lab,
+                &a,
+                &a,
+                "127.0.0.1".parse()?,
+                5202,
+                128 << 10,
+                SECS,
+                Pin::NONE,
+            )?
+            .bits_per_sec,
+        );
 
         println!("round {round}/{ROUNDS}: accelerated (both pods enrolled)");
         lab.enroll(&a)?;
         lab.enroll(&b)?;
         let l = sockperf_pingpong(&lab, &a, &b, bip, 11112, 64, SECS, Pin::NONE)?;
-        let t = iperf3(&lab, &a, &b, bip, 5203, 128 << 10, SECS, Pin::NONE)?;
+        let t = iperf3(&lab, &a, &b, bip, 5203, 128 << 10, SECS, Pin::NONE)?.bits_per_sec;
         accel.push((l, t));
         lab.unenroll(&a)?;
         lab.unenroll(&b)?;
