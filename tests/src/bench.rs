@@ -24,7 +24,7 @@ const CPUIDLE_GOVERNOR: [&str; 2] = [
 ];
 /// In a lab's directory while its run has the window changed: the value to put back, also by
 /// the next run if this one dies first.
-pub(crate) const HALT_POLL_RECORD: &str = "halt-poll-ns.orig";
+pub const HALT_POLL_RECORD: &str = "halt-poll-ns.orig";
 
 /// The machine's halt-polling window changed for a measurement, put back when dropped.
 pub struct HaltPoll {
