@@ -6,7 +6,7 @@ use std::{
     net::IpAddr,
     os::unix::process::CommandExt as _,
     process::{Child, Command},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -468,14 +468,44 @@ pub fn parse_wrk(text: &str) -> Option<Http> {
     })
 }
 
-/// Busy time of all CPUs so far, in seconds, from `/proc/stat` (user, nice, system, irq and
-/// softirq; idle, iowait and steal are not this machine's work).
-pub fn cpu_busy_secs() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    parse_cpu_busy(&stat).context("/proc/stat has no cpu line")
+/// A reading of `/proc/stat`: the CPU time so far that was not this machine's work (idle, iowait
+/// and steal), how many CPUs that covers, and when it was read.
+///
+/// Busy time between two readings is wall time × CPUs − that time. The user and system columns
+/// are not used: they are sampled at the scheduler tick, and timer-driven load (a fixed-rate load
+/// generator wakes every millisecond) aliases with the tick, so the same work can read as 4× more
+/// or less. The idle column comes from the idle loop's own clock (NO_HZ), taken at every entry
+/// and exit.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuClock {
+    at: Instant,
+    not_busy_secs: f64,
+    cpus: usize,
 }
 
-pub fn parse_cpu_busy(stat: &str) -> Option<f64> {
+impl CpuClock {
+    pub fn read() -> Result<CpuClock> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let at = Instant::now();
+        let (not_busy_secs, cpus) =
+            parse_cpu_not_busy(&stat).context("/proc/stat has no cpu lines")?;
+        Ok(CpuClock {
+            at,
+            not_busy_secs,
+            cpus,
+        })
+    }
+
+    /// CPU seconds all CPUs spent on work between `earlier` and this reading.
+    pub fn busy_since(&self, earlier: &CpuClock) -> f64 {
+        let wall = self.at.saturating_duration_since(earlier.at).as_secs_f64();
+        let not_busy = (self.not_busy_secs - earlier.not_busy_secs).max(0.0);
+        (wall * self.cpus as f64 - not_busy).max(0.0)
+    }
+}
+
+/// (idle + iowait + steal seconds of all CPUs, number of CPUs) from `/proc/stat`.
+pub fn parse_cpu_not_busy(stat: &str) -> Option<(f64, usize)> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let f: Vec<u64> = line
         .split_whitespace()
@@ -483,10 +513,39 @@ pub fn parse_cpu_busy(stat: &str) -> Option<f64> {
         .filter_map(|x| x.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal ...
-    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
+    let not_busy = f.get(3)? + f.get(4)? + f.get(7)?;
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l[3..].starts_with(|c: char| c.is_ascii_digit()))
+        .count();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(busy as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    (cpus > 0).then(|| (not_busy as f64 / hz, cpus))
+}
+
+/// Cross-CPU interrupts so far, all CPUs: rescheduling (RES) and function-call (CAL) IPIs from
+/// `/proc/interrupts`. A wake-up of a task on another, idle CPU sends one; in a VM each one costs
+/// an exit on the sender and a halt exit on the receiver.
+pub fn cross_cpu_interrupts() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/interrupts")?;
+    parse_cross_cpu_interrupts(&text).context("/proc/interrupts has no RES or CAL line")
+}
+
+pub fn parse_cross_cpu_interrupts(text: &str) -> Option<u64> {
+    let mut found = false;
+    let mut n = 0;
+    for line in text.lines() {
+        let line = line.trim_start();
+        if let Some(rest) = line.strip_prefix("RES:").or_else(|| line.strip_prefix("CAL:")) {
+            found = true;
+            n += rest
+                .split_whitespace()
+                .map_while(|x| x.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    found.then_some(n)
 }
 
 /// The median of a non-empty sample.
@@ -573,10 +632,45 @@ mod tests {
     }
 
     #[test]
-    fn cpu_busy_counts_work_not_idle() {
-        let s = "cpu  100 10 50 1000 7 3 2 99 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
+    fn cpu_not_busy_is_idle_iowait_and_steal() {
+        let s = "cpu  100 10 50 1000 7 3 2 99 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n\
+                 cpu1 1 2 3 4 5 6 7 8 9 10\nintr 5 6\nctxt 9\n";
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        assert_eq!(parse_cpu_busy(s), Some(165.0 / hz));
+        assert_eq!(parse_cpu_not_busy(s), Some((1106.0 / hz, 2)));
+        assert_eq!(parse_cpu_not_busy("cpu  1 2 3\n"), None);
+        assert_eq!(parse_cpu_not_busy("intr 5\n"), None);
+    }
+
+    #[test]
+    fn busy_time_is_wall_time_less_idle() {
+        let t0 = Instant::now();
+        let a = CpuClock {
+            at: t0,
+            not_busy_secs: 10.0,
+            cpus: 2,
+        };
+        let b = CpuClock {
+            at: t0 + Duration::from_secs(3),
+            not_busy_secs: 14.5,
+            cpus: 2,
+        };
+        assert_eq!(b.busy_since(&a), 1.5);
+        // A reading taken before `earlier` never gives negative time.
+        assert_eq!(a.busy_since(&b), 0.0);
+    }
+
+    #[test]
+    fn cross_cpu_interrupts_sum_res_and_cal() {
+        let t = "           CPU0       CPU1\n  0:         44          0   IO-APIC   2-edge      timer\n\
+                 NMI:          0          0   Non-maskable interrupts\n\
+                 RES:     721371     736552   Rescheduling interrupts\n\
+                 CAL:   30851785   36481987   Function call interrupts\n\
+                 TLB:     400925     403322   TLB shootdowns\n";
+        assert_eq!(
+            parse_cross_cpu_interrupts(t),
+            Some(721371 + 736552 + 30851785 + 36481987)
+        );
+        assert_eq!(parse_cross_cpu_interrupts("NMI: 0 0\n"), None);
     }
 
     #[test]
