@@ -526,7 +526,7 @@ pub fn parse_cpu_not_busy(stat: &str) -> Option<(f64, usize)> {
 
 /// Cross-CPU interrupts so far, all CPUs: rescheduling (RES) and function-call (CAL) IPIs from
 /// `/proc/interrupts`. A wake-up of a task on another, idle CPU sends one; in a VM each one costs
-/// an exit on the sender and a halt exit on the receiver.
+/// an exit on the sender and, when the receiving vCPU had halted, its wake-up by the host.
 pub fn cross_cpu_interrupts() -> Result<u64> {
     let text = std::fs::read_to_string("/proc/interrupts")?;
     parse_cross_cpu_interrupts(&text).context("/proc/interrupts has no RES or CAL line")
