@@ -537,7 +537,10 @@ pub fn parse_cross_cpu_interrupts(text: &str) -> Option<u64> {
     let mut n = 0;
     for line in text.lines() {
         let line = line.trim_start();
-        if let Some(rest) = line.strip_prefix("RES:").or_else(|| line.strip_prefix("CAL:")) {
+        if let Some(rest) = line
+            .strip_prefix("RES:")
+            .or_else(|| line.strip_prefix("CAL:"))
+        {
             found = true;
             n += rest
                 .split_whitespace()
