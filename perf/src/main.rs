@@ -9,9 +9,10 @@
 //!   throughput, iperf3 single stream at five write sizes (with each end's CPU), and the worst
 //!   round trip over 10⁶ ping-pongs on the accelerated path;
 //! - **mesh**: app → sidecar → sidecar → app with HAProxy captured by Istio's iptables REDIRECT
-//!   rules, the same captured by meshlane with acceleration, and proxyless pod → Service VIP →
-//!   pod: sockperf, nginx 1 KiB over HTTP at fixed rates (oha) and at saturation (wrk), host CPU
-//!   per request (`/proc/stat`) and eBPF run time per request (BPF_ENABLE_STATS);
+//!   rules, the same captured by meshlane with acceleration, proxyless pod → Service VIP → pod,
+//!   and app → app directly (no proxy: the floor): sockperf, nginx 1 KiB over HTTP at fixed
+//!   rates (oha) and at saturation (wrk), host CPU per request (`/proc/stat`), eBPF run time per
+//!   request (BPF_ENABLE_STATS) and cross-CPU interrupts per request (`/proc/interrupts`);
 //! - **Service DNAT**: new connections/s to a VIP among 1, 1,000 and 5,000 services, kube-proxy
 //!   style iptables rules vs the connect hook.
 //!
@@ -85,22 +86,16 @@ impl Args {
     pub fn out(&self) -> &std::path::Path {
         self.out
             .as_deref()
-            .unwrap_or(std::path::Path::new("perf/results"))
+            .unwrap_or(std::path::Path::new(if self.quick {
+                "target/perf-quick"
+            } else {
+                "perf/results"
+            }))
     }
 }
 
 fn main() {
-    let mut args = Args::parse();
-    if args.out.is_none() {
-        args.out = Some(
-            if args.quick {
-                "target/perf-quick"
-            } else {
-                "perf/results"
-            }
-            .into(),
-        );
-    }
+    let args = Args::parse();
     let started = Instant::now();
     match suite::run(&args) {
         Ok(report) => {
