@@ -4,7 +4,8 @@
 # everything it created.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/setup.sh
+deploy/setup-demo.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --locked --release --bins
-exec ./target/release/meshlane-demo
+# Only what the demo runs: the agent, the lab's helper binaries, the demo itself.
+cargo build --locked --release -p meshlane-agent -p meshlane-lab -p meshlane-perf --bins
+exec "${CARGO_TARGET_DIR:-target}/release/meshlane-demo"

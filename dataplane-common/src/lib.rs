@@ -4,10 +4,17 @@
 //! written by one side and read by the other through BPF maps. A size assertion sits beside each
 //! type so that a field added on one side only fails the build instead of corrupting a map.
 //!
+//! Besides the types it owns the map table ([`maps`]) and the pure logic both sides need, kept
+//! where the host can unit-test it: the backend choice ([`lb`]).
+//!
 //! This crate must never depend on `std`: the kernel programs link it.
 #![no_std]
+#![deny(unsafe_code)]
 
 use core::mem::size_of;
+
+pub mod lb;
+pub mod maps;
 
 /// Map names, as they appear in the ELF and as pin file names under `<bpffs>/<ABI_VERSION>/maps/`.
 pub mod map_names {
@@ -61,11 +68,12 @@ pub mod program_names {
 /// `<bpffs>/v<ABI_VERSION>/`; a new version never reuses an older directory's maps.
 pub const ABI_VERSION: u32 = 1;
 
-/// Default capacities. The SOCKHASH one can be changed at load time (`--sockhash-capacity`).
+/// Default capacities. The SOCKHASH one can be changed at load time (`--sockhash-capacity`), and
+/// the per-socket statistics follow it ([`sock_stats_capacity`]); see [`maps::Sizing`].
 pub const SOCKHASH_CAPACITY: u32 = 65_536;
 pub const NETNS_CAPACITY: u32 = 4_096;
 pub const ENDPOINTS_CAPACITY: u32 = 16_384;
-pub const SOCK_STATS_CAPACITY: u32 = 65_536;
+pub const SOCK_STATS_CAPACITY: u32 = sock_stats_capacity(SOCKHASH_CAPACITY);
 pub const SERVICES_CAPACITY: u32 = 16_384;
 /// Twice the largest total number of backends a table may have: a service's new backends are
 /// written beside its old ones and the service entry is switched over in one update.
@@ -74,6 +82,14 @@ pub const MAX_TOTAL_BACKENDS: u32 = 65_536;
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
 pub const ORIG_CAPACITY: u32 = 65_536;
 pub const REVNAT_CAPACITY: u32 = 131_072;
+
+/// Capacity of the per-socket statistics for a given SOCKHASH capacity. A socket's statistics
+/// entry is created just before its SOCKHASH entry, so with equal capacities a full node would
+/// report "statistics map full" instead of "SOCKHASH full"; twice the room keeps the SOCKHASH the
+/// limit that is hit.
+pub const fn sock_stats_capacity(sockhash_capacity: u32) -> u32 {
+    sockhash_capacity.saturating_mul(2)
+}
 
 /// A socket as the fast path sees it: its network namespace and its 4-tuple from its own side.
 ///
@@ -413,6 +429,32 @@ counters! {
     RevNatStoreError = 36, "revnat_store_error";
     /// getpeername or UDP recvmsg addresses turned back into the address the app asked for.
     RevNatApplied = 37, "revnat_applied";
+    /// Not translated: the chosen backend is of the other address family than the socket (an
+    /// IPv6 backend for an IPv4 connect or datagram); it goes to the VIP as the app sent it. The
+    /// agent never pairs them, so this means a table written by something else.
+    SvcBackendWrongFamily = 38, "svc_backend_wrong_family";
+    /// Connects in an enrolled netns with a protocol other than TCP or UDP (such as ICMP ping
+    /// sockets): left alone.
+    ConnectOtherProtocol = 39, "connect_other_protocol";
+    /// Connects from a netns that is not enrolled (the host, un-enrolled pods): left alone. A pod
+    /// whose service connects are not translated shows up here.
+    ConnectNotEnrolled = 40, "connect_not_enrolled";
+    /// UDP datagrams with a destination (sendmsg) from a netns that is not enrolled: left alone.
+    DatagramNotEnrolled = 41, "datagram_not_enrolled";
+    /// `SO_ORIGINAL_DST` asked without a socket the program can read: left to the kernel.
+    OrigDstNoSocket = 42, "orig_dst_no_socket";
+    /// `SO_ORIGINAL_DST` asked on a socket that is neither IPv4 nor IPv6: left to the kernel.
+    OrigDstUnsupportedFamily = 43, "orig_dst_unsupported_family";
+    /// `SO_ORIGINAL_DST` known, but the caller's buffer is too small for the address: left to
+    /// the kernel's answer.
+    OrigDstShortBuffer = 44, "orig_dst_short_buffer";
+    /// `SO_ORIGINAL_DST` known, but asked at the other level (`SOL_IP` for an IPv6 destination or
+    /// `SOL_IPV6` for an IPv4 one): left to the kernel's error, as conntrack does. Usually a proxy
+    /// trying both levels.
+    OrigDstWrongLevel = 45, "orig_dst_wrong_level";
+    /// A reverse-translation entry was found but holds an address of the other family than the
+    /// call (getpeername, recvmsg): the kernel's address is shown.
+    RevNatWrongFamily = 46, "revnat_wrong_family";
 }
 
 /// Size of the counter array; a new reason needs a new index below it.
@@ -420,8 +462,23 @@ pub const COUNTER_SLOTS: u32 = 64;
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
 
 #[cfg(feature = "user")]
+#[allow(unsafe_code)]
 mod user {
     use super::*;
+
+    impl From<maps::MapKind> for aya::maps::MapType {
+        fn from(kind: maps::MapKind) -> Self {
+            use aya::maps::MapType;
+            match kind {
+                maps::MapKind::Hash => MapType::Hash,
+                maps::MapKind::Array => MapType::Array,
+                maps::MapKind::PerCpuArray => MapType::PerCpuArray,
+                maps::MapKind::LruHash => MapType::LruHash,
+                maps::MapKind::SockHash => MapType::SockHash,
+            }
+        }
+    }
+
     // SAFETY: all of these are repr(C), Copy, and have no padding (see the size assertions).
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for NetnsInfo {}
@@ -465,6 +522,42 @@ mod tests {
         assert!(!is_loopback(&ipv4_mapped(be([10, 0, 0, 1]))));
         assert!(is_loopback(&[0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]));
         assert!(!is_loopback(&[0, 0, 0, u32::from_ne_bytes([0, 0, 0, 2])]));
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn map_kinds_are_aya_map_types() {
+        for s in maps::ALL {
+            let ty = aya::maps::MapType::from(s.kind);
+            assert_eq!(
+                ty as u32,
+                s.kind.bpf_map_type(),
+                "{}: {ty:?} vs {:?}",
+                s.name,
+                s.kind
+            );
+        }
+    }
+
+    #[test]
+    fn counter_indexes_are_dense_and_names_snake_case() {
+        // Existing indexes never move (dashboards and `meshlane status` key on them); new reasons
+        // take the next free index.
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(
+                *c as u32, i as u32,
+                "{c:?} is not at its position in Counter::ALL"
+            );
+            let name = c.name();
+            assert!(
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{c:?}: metric name {name:?} is not snake_case"
+            );
+        }
+        assert_eq!(Counter::RevNatApplied as u32, 37);
     }
 
     #[test]

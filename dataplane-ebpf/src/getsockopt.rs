@@ -5,6 +5,8 @@
 //!
 //! The program runs after the kernel's own handler. For any other option, or a socket meshlane
 //! knows nothing of, it leaves the kernel's answer alone (so iptables-captured pods keep working).
+//! Other options are not counted (they are not ours, and some applications ask often); every
+//! `SO_ORIGINAL_DST` question counts how it was answered.
 
 use core::ptr::read_volatile;
 
@@ -54,20 +56,31 @@ pub fn ml_getsockopt(ctx: SockoptContext) -> i32 {
     if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
         return PASS;
     }
-    let Some(key) = key_of(&ctx) else {
-        return PASS;
+    let outcome = original_dst(&ctx, level);
+    count(outcome, 1);
+    PASS
+}
+
+/// Answers an `SO_ORIGINAL_DST` question at `level` if meshlane captured the connection; the
+/// counter says how it went. Whatever it says, the call passes: unanswered, it keeps the
+/// kernel's own answer.
+// Inlined: this was the entry function's body, and the verifier has only seen it that way.
+#[inline(always)]
+fn original_dst(ctx: &SockoptContext, level: i32) -> Counter {
+    let key = match key_of(ctx) {
+        Ok(key) => key,
+        Err(reason) => return reason,
     };
     // SAFETY: a hash lookup; the value is copied out at once.
     let Some(orig) = (unsafe { ML_ORIG_DST.get(&key) }).copied() else {
-        count(Counter::OrigDstMiss, 1);
-        return PASS;
+        return Counter::OrigDstMiss;
     };
     let v4 = is_ipv4_mapped(&orig.ip);
     // Like conntrack: an IPv4 destination is answered at SOL_IP, an IPv6 one at SOL_IPV6; the
     // other level keeps the kernel's error so a proxy that tries both picks the right one.
     let written = match (level, v4) {
         (SOL_IP, true) => put(
-            &ctx,
+            ctx,
             SockaddrIn {
                 family: AF_INET as u16,
                 port_be: (orig.port as u16).to_be(),
@@ -76,7 +89,7 @@ pub fn ml_getsockopt(ctx: SockoptContext) -> i32 {
             },
         ),
         (SOL_IPV6, false) => put(
-            &ctx,
+            ctx,
             SockaddrIn6 {
                 family: AF_INET6 as u16,
                 port_be: (orig.port as u16).to_be(),
@@ -85,21 +98,22 @@ pub fn ml_getsockopt(ctx: SockoptContext) -> i32 {
                 scope_id: 0,
             },
         ),
-        _ => false,
+        _ => return Counter::OrigDstWrongLevel,
     };
     if written {
-        count(Counter::OrigDstServed, 1);
+        Counter::OrigDstServed
+    } else {
+        Counter::OrigDstShortBuffer
     }
-    PASS
 }
 
 /// The key the socket has as the accepting side of a captured connection.
-fn key_of(ctx: &SockoptContext) -> Option<SockKey> {
+fn key_of(ctx: &SockoptContext) -> Result<SockKey, Counter> {
     let so = ctx.sockopt;
     // SAFETY: `sk` is a socket pointer (8-byte load) that the verifier tracks as nullable.
     let sk: *const bpf_sock = unsafe { read_volatile(&(*so).__bindgen_anon_1.sk) }.cast_const();
     if sk.is_null() {
-        return None;
+        return Err(Counter::OrigDstNoSocket);
     }
     // SAFETY: bpf_get_netns_cookie is allowed for sockopt programs since Linux 5.15. Every
     // socket field is read unconditionally, each with its own volatile load at a constant offset
@@ -127,9 +141,9 @@ fn key_of(ctx: &SockoptContext) -> Option<SockKey> {
         let (local_ip, remote_ip) = match family {
             AF_INET => (ipv4_mapped(src4), ipv4_mapped(dst4)),
             AF_INET6 => (src6, dst6),
-            _ => return None,
+            _ => return Err(Counter::OrigDstUnsupportedFamily),
         };
-        Some(SockKey {
+        Ok(SockKey {
             netns,
             local_ip,
             remote_ip,
@@ -139,7 +153,8 @@ fn key_of(ctx: &SockoptContext) -> Option<SockKey> {
     }
 }
 
-/// Writes `value` as the option's result: optval, optlen, and a zero return value.
+/// Writes `value` as the option's result: optval, optlen, and a zero return value. False if the
+/// caller's buffer is too small for it (the kernel's answer then stays).
 fn put<T>(ctx: &SockoptContext, value: T) -> bool {
     let so = ctx.sockopt;
     let len = core::mem::size_of::<T>();

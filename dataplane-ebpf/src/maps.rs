@@ -1,82 +1,139 @@
 //! Every map of the dataplane. All are pinned by name under `<bpffs>/v<ABI>/maps/` by the agent,
-//! so they outlive agent restarts; their names and layouts come from `dataplane-common`.
+//! so they outlive agent restarts. Each static is declared from its row of
+//! `dataplane_common::maps` (name, type, sizes and capacity), and the build fails if a static and
+//! its row disagree or if a row has no static; nothing here may restate a name or a capacity.
 
 use aya_ebpf::{
+    bindings::bpf_map_type::{
+        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
+        BPF_MAP_TYPE_SOCKHASH,
+    },
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, Map, PerCpuArray, SockHash},
 };
 use dataplane_common::{
-    Addr, BACKENDS_CAPACITY, BackendKey, COUNTER_SLOTS, Config, ENDPOINTS_CAPACITY, Endpoint,
-    NETNS_CAPACITY, NetnsInfo, ORIG_CAPACITY, REVNAT_CAPACITY, RevNatKey, SERVICES_CAPACITY,
-    SOCK_STATS_CAPACITY, SOCKHASH_CAPACITY, Service, ServiceKey, ServiceStats, Sidecar, SockKey,
-    SockStats,
+    Addr, BackendKey, Config, Endpoint, NetnsInfo, RevNatKey, Service, ServiceKey, ServiceStats,
+    Sidecar, SockKey, SockStats,
+    maps::{self, MapSpec},
 };
 
-/// Established sockets of enrolled namespaces. Written by `sockops` (insert on establishment);
-/// the kernel removes a socket when it closes; the agent deletes a pod's sockets when the pod is
-/// removed. Read by `sk_msg` (redirect lookup).
-#[map(name = "ML_SOCKS")]
-pub static ML_SOCKS: SockHash<SockKey> = SockHash::pinned(SOCKHASH_CAPACITY, 0);
+/// The kernel map type an aya-ebpf map static is created with.
+trait Typed: Map {
+    const BPF_MAP_TYPE: u32;
+}
+impl<K> Typed for SockHash<K> {
+    const BPF_MAP_TYPE: u32 = BPF_MAP_TYPE_SOCKHASH;
+}
+impl<K, V> Typed for HashMap<K, V> {
+    const BPF_MAP_TYPE: u32 = BPF_MAP_TYPE_HASH;
+}
+impl<K, V> Typed for LruHashMap<K, V> {
+    const BPF_MAP_TYPE: u32 = BPF_MAP_TYPE_LRU_HASH;
+}
+impl<T> Typed for Array<T> {
+    const BPF_MAP_TYPE: u32 = BPF_MAP_TYPE_ARRAY;
+}
+impl<T> Typed for PerCpuArray<T> {
+    const BPF_MAP_TYPE: u32 = BPF_MAP_TYPE_PERCPU_ARRAY;
+}
 
-/// Enrolled network namespaces. Written by the agent (pod add/del, self-test); read by both
-/// programs.
-#[map(name = "ML_NETNS")]
-pub static ML_NETNS: HashMap<u64, NetnsInfo> = HashMap::pinned(NETNS_CAPACITY, 0);
+/// Fails the build unless the static `symbol` of type `M` is the map `spec` describes: its ELF
+/// symbol (`#[map]` without `name` exports the static under its own name), kernel map type, key
+/// and value sizes. The capacity is `spec.max_entries` by construction (see [`ml_maps!`]).
+const fn check<M: Typed>(symbol: &str, spec: &MapSpec) {
+    assert!(
+        spec.is_named(symbol),
+        "a map static is not named as its maps::ALL row"
+    );
+    assert!(
+        M::BPF_MAP_TYPE == spec.kind.bpf_map_type(),
+        "a map's type differs from maps::ALL"
+    );
+    assert!(
+        size_of::<M::Key>() as u32 == spec.key_size,
+        "a key size differs from maps::ALL"
+    );
+    assert!(
+        size_of::<M::Value>() as u32 == spec.value_size,
+        "a value size differs from maps::ALL"
+    );
+}
 
-/// Pod IPs on this node (IPv4-mapped IPv6) → their netns. Written by the agent; read by `sk_msg`
-/// to find the peer of a non-loopback connection.
-#[map(name = "ML_ENDPOINTS")]
-pub static ML_ENDPOINTS: HashMap<[u32; 4], Endpoint> = HashMap::pinned(ENDPOINTS_CAPACITY, 0);
+/// Declares pinned map statics from rows of `dataplane_common::maps`: capacity from the row, and
+/// a compile-time [`check`] of everything else.
+macro_rules! ml_maps {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $spec:expr;)*) => {
+        $(
+            $(#[$doc])*
+            #[map]
+            pub static $name: $ty = <$ty>::pinned($spec.max_entries, 0);
+            const _: () = check::<$ty>(stringify!($name), &$spec);
+        )*
+        // Statics are distinct and each matches its own row by name, so equal counts mean every
+        // row of the table has its static.
+        const _: () = assert!(
+            [$(stringify!($name)),*].len() == maps::ALL.len(),
+            "maps::ALL has a row without a map static"
+        );
+    };
+}
 
-/// Per-socket byte counters. Created by `sockops` when the socket enters the SOCKHASH (a socket
-/// without an entry is never redirected), deleted by `sockops` when it closes, updated by
-/// `sk_msg` under the socket lock; read by the agent. A plain hash, not an LRU: the entry also
-/// carries the "already sent through the stack" fact that keeps bytes in order, and that must not
-/// be evicted.
-#[map(name = "ML_SOCK_STATS")]
-pub static ML_SOCK_STATS: HashMap<SockKey, SockStats> = HashMap::pinned(SOCK_STATS_CAPACITY, 0);
+ml_maps! {
+    /// Established sockets of enrolled namespaces. Written by `sockops` (insert on establishment);
+    /// the kernel removes a socket when it closes; the agent deletes a pod's sockets when the pod
+    /// is removed. Read by `sk_msg` (redirect lookup). The agent sets its capacity at load time.
+    ML_SOCKS: SockHash<SockKey> = maps::SOCKHASH;
 
-/// Per-CPU counters indexed by `dataplane_common::Counter`. Written by both programs; summed by
-/// the agent.
-#[map(name = "ML_COUNTERS")]
-pub static ML_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+    /// Enrolled network namespaces. Written by the agent (pod add/del, self-test); read by
+    /// `sockops`, `sk_msg`, connect and sendmsg.
+    ML_NETNS: HashMap<u64, NetnsInfo> = maps::NETNS;
 
-/// Runtime switches (index 0). Written by the agent; read by `sk_msg`.
-#[map(name = "ML_CONFIG")]
-pub static ML_CONFIG: Array<Config> = Array::pinned(1, 0);
+    /// Pod IPs on this node (IPv4-mapped IPv6) → their netns. Written by the agent; read by
+    /// `sockops` and `sk_msg` to find the peer of a non-loopback connection, and by connect for
+    /// sidecar capture.
+    ML_ENDPOINTS: HashMap<[u32; 4], Endpoint> = maps::ENDPOINTS;
 
-/// The service table. Written by the agent (services file, later the controller); read by the
-/// connect and sendmsg programs.
-#[map(name = "ML_SERVICES")]
-pub static ML_SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(SERVICES_CAPACITY, 0);
+    /// Per-socket byte counters. Created by `sockops` when the socket enters the SOCKHASH (a
+    /// socket without an entry is never redirected), deleted by `sockops` when it closes, updated
+    /// by `sk_msg` under the socket lock; read by the agent. A plain hash, not an LRU: the entry
+    /// also carries the "already sent through the stack" fact that keeps bytes in order, and that
+    /// must not be evicted. The agent sets its capacity at load time (twice the SOCKHASH's).
+    ML_SOCK_STATS: HashMap<SockKey, SockStats> = maps::SOCK_STATS;
 
-/// Backend sets. Written by the agent, new set before the service entry that points to it;
-/// read by the connect and sendmsg programs.
-#[map(name = "ML_BACKENDS")]
-pub static ML_BACKENDS: HashMap<BackendKey, Addr> = HashMap::pinned(BACKENDS_CAPACITY, 0);
+    /// Per-CPU counters indexed by `dataplane_common::Counter`. Written by every program; summed
+    /// by the agent.
+    ML_COUNTERS: PerCpuArray<u64> = maps::COUNTERS;
 
-/// Per-service counters indexed by `Service::id`. Written by the connect and sendmsg programs;
-/// read (and reset when an id is reused) by the agent.
-#[map(name = "ML_SVC_STATS")]
-pub static ML_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(SERVICES_CAPACITY, 0);
+    /// Runtime switches (index 0). Written by the agent; read by `sockops` and `sk_msg`.
+    ML_CONFIG: Array<Config> = maps::CONFIG;
 
-/// Sidecar settings per netns. Written by the agent (pod add with a sidecar); read by connect.
-#[map(name = "ML_SIDECARS")]
-pub static ML_SIDECARS: HashMap<u64, Sidecar> = HashMap::pinned(NETNS_CAPACITY, 0);
+    /// The service table. Written by the agent (services file, later the controller); read by the
+    /// connect and sendmsg programs.
+    ML_SERVICES: HashMap<ServiceKey, Service> = maps::SERVICES;
 
-/// Captured connects waiting to be established: socket cookie → original destination. Written
-/// by connect, moved to `ML_ORIG_DST` by sockops when the connection is established.
-#[map(name = "ML_ORIG_PENDING")]
-pub static ML_ORIG_PENDING: LruHashMap<u64, Addr> = LruHashMap::pinned(ORIG_CAPACITY, 0);
+    /// Backend sets. Written by the agent, new set before the service entry that points to it;
+    /// read by the connect and sendmsg programs.
+    ML_BACKENDS: HashMap<BackendKey, Addr> = maps::BACKENDS;
 
-/// Original destinations by the accepting socket's key. Written by sockops (active side),
-/// deleted by sockops when the accepting socket closes; read by getsockopt.
-#[map(name = "ML_ORIG_DST")]
-pub static ML_ORIG_DST: LruHashMap<SockKey, Addr> = LruHashMap::pinned(ORIG_CAPACITY, 0);
+    /// Per-service counters indexed by `Service::id`. Written by the connect and sendmsg
+    /// programs; read (and reset when an id is reused) by the agent.
+    ML_SVC_STATS: PerCpuArray<ServiceStats> = maps::SVC_STATS;
 
-/// Reverse translation for getpeername and UDP recvmsg. Written by connect and sendmsg.
-#[map(name = "ML_REVNAT")]
-pub static ML_REVNAT: LruHashMap<RevNatKey, Addr> = LruHashMap::pinned(REVNAT_CAPACITY, 0);
+    /// Sidecar settings per netns. Written by the agent (pod add with a sidecar); read by
+    /// connect.
+    ML_SIDECARS: HashMap<u64, Sidecar> = maps::SIDECARS;
+
+    /// Captured connects waiting to be established: socket cookie → original destination.
+    /// Written by connect, moved to `ML_ORIG_DST` by sockops when the connection is established.
+    ML_ORIG_PENDING: LruHashMap<u64, Addr> = maps::ORIG_PENDING;
+
+    /// Original destinations by the accepting socket's key. Written by sockops (active side),
+    /// deleted by sockops when the accepting socket closes; read by getsockopt.
+    ML_ORIG_DST: LruHashMap<SockKey, Addr> = maps::ORIG_DST;
+
+    /// Reverse translation for getpeername and UDP recvmsg. Written by connect and sendmsg.
+    ML_REVNAT: LruHashMap<RevNatKey, Addr> = maps::REVNAT;
+}
 
 #[inline(always)]
 pub fn count(counter: dataplane_common::Counter, n: u64) {

@@ -12,12 +12,14 @@
 //!
 //! Un-enrolled namespaces (the host included) pass untouched. Apart from the deliberate
 //! ECONNREFUSED for a service without backends, every path returns [`ALLOW`]; a failure to record
-//! an original destination leaves the connect going where the application sent it.
+//! an original destination leaves the connect going where the application sent it. Every connect
+//! or datagram left untranslated for a reason other than "not a service address" counts why.
 
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::BPF_ANY,
+    cty::c_int,
     helpers::generated::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
         bpf_set_retval,
@@ -27,7 +29,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     Addr, BackendKey, Counter, IPPROTO_TCP, IPPROTO_UDP, NetnsInfo, RevNatKey, ServiceKey,
-    ServiceStats, Sidecar, ipv4_mapped, is_ipv4_mapped, is_loopback, netns_flags, service_flags,
+    ServiceStats, Sidecar, ipv4_mapped, is_ipv4_mapped, is_loopback, lb::choose_backend,
+    netns_flags,
 };
 
 use crate::maps::{
@@ -156,7 +159,7 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 #[inline(always)]
 fn refuse() -> i32 {
     // SAFETY: bpf_set_retval is allowed for cgroup programs.
-    let _ = unsafe { bpf_set_retval(-ECONNREFUSED) };
+    let _always_zero: c_int = unsafe { bpf_set_retval(-ECONNREFUSED) };
     REJECT
 }
 
@@ -165,10 +168,12 @@ fn refuse() -> i32 {
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, fam: Family) -> i32 {
     let (netns, Some(info)) = netns_of(ctx) else {
+        count(Counter::ConnectNotEnrolled, 1);
         return ALLOW;
     };
     let proto = protocol(ctx);
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        count(Counter::ConnectOtherProtocol, 1);
         return ALLOW;
     }
     let asked = read_addr(ctx, fam);
@@ -196,13 +201,13 @@ fn on_connect(ctx: &SockAddrContext, fam: Family) -> i32 {
     // 16-byte array comparison into 128-bit operations the BPF backend cannot lower.
     let mut dst = asked;
     let mut changed = false;
-    match translate(&info, &asked, proto, false) {
+    match translate(&info, &asked, proto, false, fam) {
         Translation::None => {}
-        Translation::Backend(b) if fits(fam, &b) => {
+        Translation::Backend(b) => {
             dst = b;
             changed = true;
         }
-        Translation::Backend(_) => return ALLOW,
+        Translation::WrongFamily => return ALLOW,
         Translation::Refuse => return refuse(),
     }
 
@@ -227,17 +232,17 @@ fn on_connect(ctx: &SockAddrContext, fam: Family) -> i32 {
 #[inline(always)]
 fn on_sendmsg(ctx: &SockAddrContext, fam: Family) -> i32 {
     let (_, Some(info)) = netns_of(ctx) else {
+        count(Counter::DatagramNotEnrolled, 1);
         return ALLOW;
     };
     let asked = read_addr(ctx, fam);
-    match translate(&info, &asked, IPPROTO_UDP, true) {
-        Translation::None => ALLOW,
-        Translation::Backend(b) if fits(fam, &b) => {
+    match translate(&info, &asked, IPPROTO_UDP, true, fam) {
+        Translation::None | Translation::WrongFamily => ALLOW,
+        Translation::Backend(b) => {
             remember_reverse(cookie(ctx), &b, &asked);
             write_addr(ctx, fam, &b);
             ALLOW
         }
-        Translation::Backend(_) => ALLOW,
         Translation::Refuse => refuse(),
     }
 }
@@ -253,23 +258,36 @@ fn reverse(ctx: &SockAddrContext, fam: Family) {
         peer: read_addr(ctx, fam),
         _pad: 0,
     };
+    // A miss is the common case (a socket never translated) and is not counted: recvmsg runs
+    // for every datagram.
     // SAFETY: a hash lookup; the value is copied out at once.
-    if let Some(orig) = unsafe { ML_REVNAT.get(&key) }.copied()
-        && fits(fam, &orig)
-    {
-        write_addr(ctx, fam, &orig);
-        count(Counter::RevNatApplied, 1);
+    if let Some(orig) = unsafe { ML_REVNAT.get(&key) }.copied() {
+        if fits(fam, &orig) {
+            write_addr(ctx, fam, &orig);
+            count(Counter::RevNatApplied, 1);
+        } else {
+            count(Counter::RevNatWrongFamily, 1);
+        }
     }
 }
 
 enum Translation {
     /// Not a service address.
     None,
+    /// Send it to this backend (of the call's family).
     Backend(Addr),
+    /// The chosen backend is of the other family: leave the call as it is (counted).
+    WrongFamily,
+    /// No backend: refuse the call (counted).
     Refuse,
 }
 
-fn translate(info: &NetnsInfo, dst: &Addr, proto: u8, datagram: bool) -> Translation {
+/// The backend a connect or datagram to `dst` goes to, if `dst` is a service address; counts the
+/// outcome (and the service's statistics) unless it is not a service address.
+// Inlined: with `fam` and the returned address it would need more than the five argument
+// registers a BPF call has.
+#[inline(always)]
+fn translate(info: &NetnsInfo, dst: &Addr, proto: u8, datagram: bool, fam: Family) -> Translation {
     let key = ServiceKey {
         ip: dst.ip,
         port: dst.port as u16,
@@ -286,18 +304,20 @@ fn translate(info: &NetnsInfo, dst: &Addr, proto: u8, datagram: bool) -> Transla
         bump(stats, Stat::Refused);
         return Translation::Refuse;
     }
-    let pick = if svc.flags & service_flags::AFFINITY_CLIENT_ADDR != 0 {
-        hash_addr(&info.addr)
-    } else {
-        // SAFETY: a helper without arguments.
-        unsafe { bpf_get_prandom_u32() }
-    };
+    // Drawn even when affinity ignores it: one cheap helper call keeps the choice in one pure,
+    // host-tested function.
+    // SAFETY: a helper without arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
     let slot = BackendKey {
         set: svc.backend_set,
-        index: pick % svc.count,
+        index: choose_backend(svc.flags, &info.addr, random, svc.count),
     };
     // SAFETY: a hash lookup; the value is copied out at once.
     match unsafe { ML_BACKENDS.get(&slot) }.copied() {
+        Some(b) if !fits(fam, &b) => {
+            count(Counter::SvcBackendWrongFamily, 1);
+            Translation::WrongFamily
+        }
         Some(b) => {
             if datagram {
                 count(Counter::SvcDatagramTranslated, 1);
@@ -334,18 +354,6 @@ fn bump(stats: Option<*mut ServiceStats>, which: Stat) {
             }
         }
     }
-}
-
-/// A well-mixed 32-bit hash of an address (the murmur3 finaliser over the folded words), so
-/// client-address affinity spreads clients over backends evenly.
-#[inline(always)]
-fn hash_addr(ip: &[u32; 4]) -> u32 {
-    let mut h = ip[0] ^ ip[1].rotate_left(7) ^ ip[2].rotate_left(14) ^ ip[3].rotate_left(21);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }
 
 /// Loopback of the same family as `ip`: 127.0.0.1 (IPv4-mapped for IPv4) or ::1.

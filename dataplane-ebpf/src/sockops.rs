@@ -51,6 +51,8 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Counter> {
             on_established(ctx)
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // sock_ops only sees TCP sockets, all IPv4 or IPv6: the key cannot be missing, so
+            // there is nothing to count.
             if let Some(key) = key_of(ctx) {
                 // Missing entries are fine: the socket may never have been inserted, or
                 // captured.
@@ -85,6 +87,9 @@ fn hand_over_original_dst(ctx: &SockOpsContext) {
     };
     let _gone_is_fine: Result<(), i32> = ML_ORIG_PENDING.remove(&cookie);
     let Some(key) = key_of(ctx) else {
+        // Cannot happen (sock_ops only sees TCP sockets, all IPv4 or IPv6), but if it did the
+        // original destination would be lost here, so it counts as not stored.
+        count(Counter::OrigDstStoreError, 1);
         return;
     };
     let peer_netns = if is_loopback(&key.remote_ip) {

@@ -1,104 +1,146 @@
-//! The agent's state machine: requests in, map and state-file changes out. Every request is
-//! validated completely before anything changes; a change that fails half-way is rolled back, so
-//! a refused request leaves maps and state as they were.
+//! The agent: start-up policy (cgroup and pin checks, self-test, state, services file), the
+//! request dispatcher, and the views the API answers with. Requests that change something are in
+//! [`crate::pods`]; what runs after start-up (API, metrics, services polling) is in
+//! [`crate::runtime`].
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-    path::{Path, PathBuf},
+use std::path::{Path, PathBuf};
+
+use dataplane_common::{ABI_VERSION, program_names};
+use meshlane_api::{
+    Request,
+    types::{Accel, SelfTestReport, ServicesSummary, SocketInfo, Status, Uninstalled},
 };
-
-use dataplane_common::{ABI_VERSION, Endpoint, NetnsInfo, netns_flags};
-use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
     Error, Result,
-    api::Request,
-    dataplane::{AttachedProgram, Dataplane},
-    selftest::SelfTestReport,
-    service_table::{ServiceTable, ServicesSummary},
-    state::{Pod, SidecarSpec, State, ip_key, validate_pod_ip, validate_pod_name},
+    addr::key_socket_addr,
+    loader::{self, LoadOptions, Loaded, PinPaths},
+    maps::Maps,
+    selftest,
+    services::ServiceTable,
+    state::State,
     sys,
 };
 
+/// Everything the agent is started with (the flags of `meshlane-agent`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// cgroup v2 directory to attach to; `None`: the cgroup v2 root.
+    pub cgroup: Option<PathBuf>,
+    pub bpffs: PathBuf,
+    pub state_file: PathBuf,
+    pub sockhash_capacity: u32,
+    pub services: Option<PathBuf>,
+    /// Skip the self-test; redirect stays off.
+    pub no_selftest: bool,
+}
+
 pub struct Agent {
-    pub dp: Dataplane,
-    pub state: State,
-    pub state_path: PathBuf,
-    pub selftest: SelfTestReport,
-    pub services: ServiceTable,
+    pub(crate) loaded: Loaded,
+    pub(crate) maps: Maps,
+    pub(crate) state: State,
+    pub(crate) state_path: PathBuf,
+    pub(crate) selftest: SelfTestReport,
+    pub(crate) services: ServiceTable,
     /// Cookies of namespaces that must never be enrolled: the agent's own and PID 1's.
-    host_cookies: Vec<u64>,
+    pub(crate) host_cookies: Vec<u64>,
 }
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
-            .field("dp", &self.dp)
+            .field("loaded", &self.loaded)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub version: &'static str,
-    pub abi: u32,
-    pub cgroup: PathBuf,
-    pub bpffs: PathBuf,
-    pub programs: Vec<AttachedProgram>,
-    pub selftest: SelfTestReport,
-    /// Redirect is on right now.
-    pub accelerate: bool,
-    /// The operator's choice (kill switch); redirect is on only if this and the self-test agree.
-    pub accel_wanted: bool,
-    pub pods: usize,
-    pub sockhash_sockets: usize,
-    pub sidecar_pods: usize,
-    pub services: ServicesSummary,
-    /// The first services of the table with their counters (`meshlane services` lists all).
-    pub service_table: Vec<crate::service_table::ServiceView>,
-    pub counters: BTreeMap<&'static str, u64>,
 }
 
 /// Services shown in `status`; the full table is one `services` request away.
 const STATUS_SERVICES: usize = 20;
 
-/// A socket in the fast path, as `meshlane sockets` shows it.
-#[derive(Debug, Serialize)]
-pub struct SocketView {
-    /// NAMESPACE/NAME of the pod, or `pod-<id>` when it was enrolled without a name.
-    pub pod: Option<String>,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub redirected_bytes: u64,
-    pub stack_bytes: u64,
-}
-
-pub(crate) fn key_addr(ip: [u32; 4], port: u32) -> SocketAddr {
-    let mut o = [0u8; 16];
-    for (i, w) in ip.iter().enumerate() {
-        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+/// Refuses to attach to another cgroup than the one the pinned programs are attached to: the
+/// pinned links would keep the old one, and the agent would report a cgroup it does not serve.
+pub fn check_pinned_cgroup(
+    bpffs: &Path,
+    pinned: Option<&Path>,
+    requested: &Path,
+    links_pinned: bool,
+) -> Result<()> {
+    match pinned {
+        Some(p) if p != requested && links_pinned => Err(Error::CgroupMismatch {
+            bpffs: bpffs.into(),
+            pinned: p.into(),
+            requested: requested.into(),
+        }),
+        _ => Ok(()),
     }
-    let v6 = Ipv6Addr::from(o);
-    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
-    SocketAddr::new(ip, port as u16)
 }
 
-/// What `uninstall` did, for the caller.
-#[derive(Debug, Serialize)]
-pub struct Uninstalled {
-    pub unpinned: Vec<PathBuf>,
+/// A services file given at start must exist (a typo must not start an agent with no services);
+/// once running, a file that disappears keeps the previous table.
+pub fn check_services_file(file: Option<&Path>) -> Result<()> {
+    match file {
+        Some(f) if !f.exists() => Err(Error::Invalid(format!(
+            "--services {}: no such file",
+            f.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl Agent {
-    pub fn new(
-        dp: Dataplane,
-        state: State,
-        state_path: PathBuf,
-        selftest: SelfTestReport,
-        services: ServiceTable,
-    ) -> Self {
+    /// Starts the agent: resolves and checks the cgroup, mounts bpffs if needed, loads and
+    /// attaches the programs (reusing pins), runs the self-test, takes over the state file and
+    /// the pinned service table, re-enrolls known pods, loads the services file, and switches
+    /// redirect on if the self-test passed and the operator wants it.
+    pub fn start(config: &Config) -> Result<Agent> {
+        let cgroup = sys::resolve_cgroup(config.cgroup.as_deref())?;
+        if sys::ensure_bpffs(&config.bpffs)? {
+            tracing::info!(dir = %config.bpffs.display(), "mounted bpffs");
+        }
+        let mut state = State::load(&config.state_file)?;
+        check_pinned_cgroup(
+            &config.bpffs,
+            state.cgroup.as_deref(),
+            &cgroup,
+            PinPaths::new(&config.bpffs)
+                .link(program_names::SOCKOPS)
+                .exists(),
+        )?;
+        check_services_file(config.services.as_deref())?;
+
+        let (loaded, mut maps) = loader::load(LoadOptions {
+            bpffs: config.bpffs.clone(),
+            cgroup: cgroup.clone(),
+            sockhash_capacity: config.sockhash_capacity,
+        })?;
+        tracing::info!(
+            cgroup = %cgroup.display(),
+            reused_pins = loaded.reused_pins,
+            accelerate = maps.accelerate()?,
+            "programs attached"
+        );
+
+        let report = if config.no_selftest {
+            SelfTestReport::failed("skipped (--no-selftest)", vec![])
+        } else {
+            selftest::run(&mut maps, &cgroup, &selftest::current_exe())
+        };
+        if report.passed {
+            tracing::info!("self-test passed: {}", report.detail);
+        } else {
+            tracing::warn!(
+                "self-test did not pass, redirect stays off: {}",
+                report.detail
+            );
+            for c in report.checks.iter().filter(|c| !c.ok) {
+                tracing::warn!(check = %c.name, "{}", c.detail);
+            }
+        }
+
+        state.cgroup = Some(cgroup);
+        state.save(&config.state_file)?;
+        let services = ServiceTable::adopt(&mut maps, config.services.clone())?;
         let mut host_cookies = Vec::new();
         if let Ok(c) = sys::current_netns_cookie() {
             host_cookies.push(c);
@@ -106,308 +148,129 @@ impl Agent {
         if let Ok(c) = sys::netns_cookie(Path::new("/proc/1/ns/net")) {
             host_cookies.push(c);
         }
-        Agent {
-            dp,
+        let mut agent = Agent {
+            loaded,
+            maps,
             state,
-            state_path,
-            selftest,
+            state_path: config.state_file.clone(),
+            selftest: report,
             services,
             host_cookies,
-        }
-    }
-
-    /// Makes the maps say what the state file says: re-enrolls known pods, removes netns and
-    /// endpoint entries nobody owns (a pod deleted while the agent was down, or the self-test's
-    /// namespace of a killed agent). Sockets already in the fast path are not touched.
-    pub fn reconcile(&mut self) -> Result<()> {
-        let wanted: BTreeMap<u64, &Pod> = self
-            .state
-            .pods
-            .iter()
-            .map(|p| (p.netns_cookie, p))
-            .collect();
-        for (cookie, _) in self.dp.netns_entries() {
-            if !wanted.contains_key(&cookie) {
-                tracing::info!(cookie, "removing an enrollment no pod owns");
-                self.dp.del_netns(cookie)?;
-            }
-        }
-        let wanted_ips: BTreeMap<[u32; 4], ()> = self
-            .state
-            .pods
-            .iter()
-            .flat_map(|p| p.ips.iter().map(|ip| (ip_key(ip), ())))
-            .collect();
-        for (ip, _) in self.dp.endpoint_entries() {
-            if !wanted_ips.contains_key(&ip) {
-                self.dp.del_endpoint(ip)?;
-            }
-        }
-        for (cookie, _) in self.dp.sidecar_entries() {
-            if wanted.get(&cookie).is_none_or(|p| p.sidecar.is_none()) {
-                self.dp.del_sidecar(cookie)?;
-            }
-        }
-        let pods = self.state.pods.clone();
-        for p in &pods {
-            self.enroll_maps(p)?;
-        }
-        Ok(())
+        };
+        agent.reconcile()?;
+        agent.poll_services();
+        let on = agent.apply_accel()?;
+        tracing::info!(accelerate = on, pods = agent.state.pods.len(), "ready");
+        Ok(agent)
     }
 
     /// Switches redirect on exactly when the operator wants it and the self-test passed.
     pub fn apply_accel(&mut self) -> Result<bool> {
         let on = self.state.accel_wanted && self.selftest.passed;
-        self.dp.set_accelerate(on)?;
+        self.maps.set_accelerate(on)?;
         Ok(on)
     }
 
+    /// Whether a services file is watched.
+    pub fn watches_services(&self) -> bool {
+        self.services.file().is_some()
+    }
+
+    /// Applies the services file if it changed, and logs what happened.
+    pub fn poll_services(&mut self) {
+        match self.services.poll(&mut self.maps) {
+            None => {}
+            Some(Ok(a)) => tracing::info!(
+                added = a.added,
+                changed = a.changed,
+                removed = a.removed,
+                unchanged = a.unchanged,
+                "service table loaded"
+            ),
+            Some(Err(msg)) => tracing::error!("{msg}"),
+        }
+    }
+
+    /// Handles one request. The answer's type is the one documented on the request.
     pub fn handle(&mut self, req: Request) -> Result<Value> {
-        match req {
+        let v = match req {
             Request::PodAdd {
                 netns,
                 ips,
                 name,
                 sidecar,
-            } => {
-                let pod = self.pod_add(&netns, &ips, name, sidecar)?;
-                Ok(json!(pod))
-            }
+            } => json!(self.pod_add(&netns, &ips, name, sidecar)?),
             Request::PodDel { netns, name } => {
-                let pod = self.pod_del(netns.as_deref(), name.as_deref())?;
-                Ok(json!(pod))
+                json!(self.pod_del(netns.as_deref(), name.as_deref())?)
             }
-            Request::PodList => Ok(json!(self.state.pods)),
-            Request::Sockets => Ok(json!(self.sockets())),
-            Request::Status => Ok(json!(self.status()?)),
-            Request::Services => Ok(json!({
-                "summary": self.services.summary(),
-                "services": self.services.views(&self.dp),
-            })),
-            Request::Accel { on } => {
-                let before = self.state.accel_wanted;
-                self.state.accel_wanted = on;
-                if let Err(e) = self.state.save(&self.state_path) {
-                    self.state.accel_wanted = before;
-                    return Err(e);
-                }
-                let now = self.apply_accel()?;
-                if on && !now {
-                    return Err(Error::Invalid(format!(
-                        "acceleration stays off: the self-test failed ({})",
-                        self.selftest.detail
-                    )));
-                }
-                Ok(json!({ "accelerate": now }))
-            }
-            Request::Uninstall => Ok(json!(self.uninstall()?)),
-        }
+            Request::PodList => json!(self.state.pods),
+            Request::Sockets => json!(self.sockets()?),
+            Request::Status => json!(self.status()?),
+            Request::Services => json!(meshlane_api::types::Services {
+                summary: self.services.summary(),
+                services: self.services.views(&self.maps)?,
+            }),
+            Request::Accel { on } => json!(self.accel(on)?),
+            Request::Uninstall => json!(self.uninstall()?),
+        };
+        Ok(v)
     }
 
-    fn pod_add(
-        &mut self,
-        netns: &Path,
-        ips: &[IpAddr],
-        name: Option<String>,
-        sidecar: Option<SidecarSpec>,
-    ) -> Result<Pod> {
-        let invalid = |m: String| Error::Invalid(format!("pod add: {m}"));
-        if let Some(sc) = &sidecar {
-            sc.validate().map_err(invalid)?;
-        }
-        if !netns.is_absolute() {
-            return Err(invalid(format!(
-                "netns path {} must be absolute",
-                netns.display()
-            )));
-        }
-        if ips.is_empty() {
-            return Err(invalid("at least one --ip is required".into()));
-        }
-        for ip in ips {
-            validate_pod_ip(ip).map_err(invalid)?;
-        }
-        for (i, a) in ips.iter().enumerate() {
-            if ips[i + 1..].iter().any(|b| ip_key(a) == ip_key(b)) {
-                return Err(invalid(format!("IP {a} is given twice")));
-            }
-        }
-        if let Some(n) = &name {
-            validate_pod_name(n).map_err(invalid)?;
-            if let Some(p) = self.state.find_by_name(n) {
-                return Err(invalid(format!(
-                    "a pod named {n} is already enrolled (netns {})",
-                    p.netns.display()
-                )));
-            }
-        }
-        let cookie = sys::netns_cookie(netns).map_err(|e| invalid(e.to_string()))?;
-        if self.host_cookies.contains(&cookie) {
-            return Err(invalid(format!(
-                "{} is the host's network namespace; meshlane never enrolls it",
-                netns.display()
-            )));
-        }
-        if let Some(p) = self.state.pods.iter().find(|p| p.netns_cookie == cookie) {
-            return Err(invalid(format!(
-                "netns {} is already enrolled as pod {} ({})",
-                netns.display(),
-                p.id,
-                p.name.as_deref().unwrap_or("unnamed")
-            )));
-        }
-        for ip in ips {
-            if let Some(p) = self
-                .state
-                .pods
-                .iter()
-                .find(|p| p.ips.iter().any(|x| ip_key(x) == ip_key(ip)))
-            {
-                return Err(invalid(format!(
-                    "IP {ip} already belongs to pod {} (netns {})",
-                    p.name.as_deref().unwrap_or("unnamed"),
-                    p.netns.display()
-                )));
-            }
-        }
-
-        let pod = Pod {
-            id: self.state.next_id.max(1),
-            name,
-            netns: netns.to_path_buf(),
-            netns_cookie: cookie,
-            ips: ips.to_vec(),
-            sidecar,
-        };
-        if let Err(e) = self.enroll_maps(&pod) {
-            self.unenroll_maps(&pod);
-            return Err(e);
-        }
-        let before = self.state.clone();
-        self.state.next_id = pod.id + 1;
-        self.state.pods.push(pod.clone());
+    fn accel(&mut self, on: bool) -> Result<Accel> {
+        let before = self.state.accel_wanted;
+        self.state.accel_wanted = on;
         if let Err(e) = self.state.save(&self.state_path) {
-            self.state = before;
-            self.unenroll_maps(&pod);
+            self.state.accel_wanted = before;
             return Err(e);
         }
-        tracing::info!(id = pod.id, name = ?pod.name, netns = %pod.netns.display(), "pod enrolled");
-        Ok(pod)
-    }
-
-    fn pod_del(&mut self, netns: Option<&Path>, name: Option<&str>) -> Result<Pod> {
-        let idx = match (netns, name) {
-            (Some(_), Some(_)) | (None, None) => {
-                return Err(Error::Invalid(
-                    "pod del: give exactly one of --netns or --name".into(),
-                ));
-            }
-            (Some(path), None) => self.state.pods.iter().position(|p| p.netns == path),
-            (None, Some(n)) => self
-                .state
-                .pods
-                .iter()
-                .position(|p| p.name.as_deref() == Some(n)),
-        };
-        let Some(idx) = idx else {
-            return Err(Error::Invalid(format!(
-                "pod del: no enrolled pod has {}",
-                match (netns, name) {
-                    (Some(p), _) => format!("netns {}", p.display()),
-                    (_, Some(n)) => format!("name {n}"),
-                    _ => unreachable!("checked above"),
-                }
+        let now = self.apply_accel()?;
+        if on && !now {
+            return Err(Error::Unavailable(format!(
+                "acceleration stays off: the self-test failed ({})",
+                self.selftest.detail
             )));
-        };
-        let before = self.state.clone();
-        let pod = self.state.pods.remove(idx);
-        if let Err(e) = self.state.save(&self.state_path) {
-            self.state = before;
-            return Err(e);
         }
-        self.unenroll_maps(&pod);
-        tracing::info!(id = pod.id, name = ?pod.name, "pod removed");
-        Ok(pod)
+        Ok(Accel { accelerate: now })
     }
 
-    fn enroll_maps(&mut self, pod: &Pod) -> Result<()> {
-        let mut flags = netns_flags::ACCELERATE;
-        if let Some(sc) = &pod.sidecar {
-            // Settings before the flag that makes the programs look for them.
-            self.dp.put_sidecar(pod.netns_cookie, sc.to_map())?;
-            flags |= netns_flags::SIDECAR;
-        }
-        for ip in &pod.ips {
-            self.dp.put_endpoint(
-                ip_key(ip),
-                Endpoint {
-                    netns: pod.netns_cookie,
-                    flags,
-                    pod_id: pod.id,
-                },
-            )?;
-        }
-        self.dp.put_netns(
-            pod.netns_cookie,
-            NetnsInfo {
-                flags,
-                pod_id: pod.id,
-                addr: pod.ips.first().map(ip_key).unwrap_or_default(),
-            },
-        )
-    }
-
-    /// Removes a pod's entries. Its sockets stay in the SOCKHASH until they close: removing
-    /// them would free their redirect queues with unread data in them. Without the netns entry
-    /// they send through the stack from now on, which keeps bytes in order (see sk_msg.rs).
-    fn unenroll_maps(&mut self, pod: &Pod) {
-        if let Err(e) = self.dp.del_netns(pod.netns_cookie) {
-            tracing::warn!(error = %e, "removing the netns entry");
-        }
-        if let Err(e) = self.dp.del_sidecar(pod.netns_cookie) {
-            tracing::warn!(error = %e, "removing the sidecar entry");
-        }
-        for ip in &pod.ips {
-            if let Err(e) = self.dp.del_endpoint(ip_key(ip)) {
-                tracing::warn!(error = %e, "removing an endpoint");
-            }
-        }
-    }
-
-    pub fn sockets(&self) -> Vec<SocketView> {
-        let mut v: Vec<SocketView> = self
-            .dp
-            .sock_stats()
+    pub fn sockets(&self) -> Result<Vec<SocketInfo>> {
+        let mut v: Vec<SocketInfo> = self
+            .maps
+            .sock_stats()?
             .into_iter()
-            .map(|(k, st)| SocketView {
+            .map(|(k, st)| SocketInfo {
                 pod: self
                     .state
                     .pods
                     .iter()
                     .find(|p| p.netns_cookie == k.netns)
-                    .map(|p| p.name.clone().unwrap_or_else(|| format!("pod-{}", p.id))),
-                local: key_addr(k.local_ip, k.local_port),
-                remote: key_addr(k.remote_ip, k.remote_port),
+                    .map(|p| p.label()),
+                local: key_socket_addr(k.local_ip, k.local_port),
+                remote: key_socket_addr(k.remote_ip, k.remote_port),
                 redirected_bytes: st.redirected_bytes,
                 stack_bytes: st.stack_bytes,
             })
             .collect();
         v.sort_by(|a, b| (&a.pod, a.local, a.remote).cmp(&(&b.pod, b.local, b.remote)));
-        v
+        Ok(v)
+    }
+
+    pub fn services_summary(&self) -> ServicesSummary {
+        self.services.summary()
     }
 
     pub fn status(&self) -> Result<Status> {
         Ok(Status {
-            version: env!("CARGO_PKG_VERSION"),
+            version: env!("CARGO_PKG_VERSION").into(),
             abi: ABI_VERSION,
-            cgroup: self.dp.options.cgroup.clone(),
-            bpffs: self.dp.options.bpffs.clone(),
-            programs: self.dp.programs.clone(),
+            cgroup: self.loaded.options.cgroup.clone(),
+            bpffs: self.loaded.options.bpffs.clone(),
+            programs: self.loaded.programs.clone(),
             selftest: self.selftest.clone(),
-            accelerate: self.dp.accelerate()?,
+            accelerate: self.maps.accelerate()?,
             accel_wanted: self.state.accel_wanted,
             pods: self.state.pods.len(),
-            sockhash_sockets: self.dp.sockhash_len(),
+            sockhash_sockets: self.maps.sockhash_len()?,
             sidecar_pods: self
                 .state
                 .pods
@@ -416,15 +279,15 @@ impl Agent {
                 .count(),
             services: self.services.summary(),
             service_table: {
-                let mut v = self.services.views(&self.dp);
+                let mut v = self.services.views(&self.maps)?;
                 v.truncate(STATUS_SERVICES);
                 v
             },
             counters: self
-                .dp
+                .maps
                 .counters()?
                 .into_iter()
-                .map(|(c, v)| (c.name(), v))
+                .map(|(c, v)| (c.name().to_string(), v))
                 .collect(),
         })
     }
@@ -432,17 +295,54 @@ impl Agent {
     /// Switches redirect off, unenrolls everything, waits for receivers to drain what was already
     /// handed to them, then unpins maps and links. The caller exits afterwards.
     fn uninstall(&mut self) -> Result<Uninstalled> {
-        self.dp.set_accelerate(false)?;
-        for (cookie, _) in self.dp.netns_entries() {
-            self.dp.del_netns(cookie)?;
+        self.maps.set_accelerate(false)?;
+        for (cookie, _) in self.maps.netns_entries()? {
+            self.maps.del_netns(cookie)?;
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let unpinned = crate::dataplane::unpin_all(&self.dp.options.bpffs)?;
+        let bpffs = &self.loaded.options.bpffs;
+        let unpinned =
+            loader::unpin_all(bpffs).map_err(|e| Error::io("removing the pins", bpffs, e))?;
         match std::fs::remove_file(&self.state_path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io("removing the state file", &self.state_path, e)),
         }
         Ok(Uninstalled { unpinned })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_cgroup_is_kept_unless_nothing_is_pinned() {
+        let (bpffs, a, b) = (
+            Path::new("/sys/fs/bpf/m"),
+            Path::new("/cg/a"),
+            Path::new("/cg/b"),
+        );
+        assert!(check_pinned_cgroup(bpffs, None, a, true).is_ok());
+        assert!(check_pinned_cgroup(bpffs, Some(a), a, true).is_ok());
+        // The state file remembers another cgroup, but its links are gone: nothing to keep.
+        assert!(check_pinned_cgroup(bpffs, Some(b), a, false).is_ok());
+        let e = check_pinned_cgroup(bpffs, Some(b), a, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/cg/b") && e.contains("/cg/a") && e.contains("uninstall"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_services_file_is_refused_at_start() {
+        assert!(check_services_file(None).is_ok());
+        let e = check_services_file(Some(Path::new("/nonexistent/services.yaml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--services /nonexistent/services.yaml"), "{e}");
+        assert!(check_services_file(Some(Path::new("/proc/self/status"))).is_ok());
     }
 }

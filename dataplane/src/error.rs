@@ -49,8 +49,21 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
+    /// The request is malformed or a value is not acceptable.
     #[error("{0}")]
     Invalid(String),
+    /// The request names something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request clashes with what exists.
+    #[error("{0}")]
+    Conflict(String),
+    /// The agent cannot do this now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Something in the agent itself went wrong (not the caller's input).
+    #[error("{0}")]
+    Internal(String),
     #[error("state file {path}: {msg}")]
     State { path: PathBuf, msg: String },
 }
@@ -58,6 +71,23 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The refusal kind an API caller sees: only input problems are the caller's fault.
+    pub fn kind(&self) -> meshlane_api::ErrorKind {
+        use meshlane_api::ErrorKind as K;
+        match self {
+            Error::Invalid(_) => K::InvalidInput,
+            Error::NotFound(_) => K::NotFound,
+            Error::Conflict(_) => K::Conflict,
+            Error::Unavailable(_) => K::Unavailable,
+            _ => K::Internal,
+        }
+    }
+
+    /// The error as the API's refusal.
+    pub fn refusal(&self) -> meshlane_api::Refusal {
+        meshlane_api::Refusal::new(self.kind(), self.to_string())
+    }
+
     pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             what,

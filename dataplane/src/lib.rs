@@ -1,33 +1,43 @@
-//! meshlane's node agent as a library: `meshlane-agent` and `meshlane` only parse flags and wire
-//! these modules together.
+//! meshlane's node agent as a library: `meshlane-agent`'s `main` only parses flags and calls
+//! [`runtime::run`].
 //!
 //! The agent owns the kernel programs and their maps on one node: it loads and pins them,
 //! attaches them to one cgroup subtree, enrolls pods, proves the fast path with a self-test before
 //! switching it on, and answers the local API. It must never enroll the host network namespace,
 //! and stopping it (gracefully or not) must never disturb established connections.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`loader`] | load the embedded ELF, check and reuse pins, attach, unpin |
+//! | [`maps`] | typed access to every map |
+//! | [`addr`] | IP ⇄ map key (IPv4-mapped IPv6) |
+//! | [`pods`] | enroll, remove, reconcile pods |
+//! | [`services`] | services file watcher and service-table writer |
+//! | [`state`] | what survives a restart (state file) |
+//! | [`agent`] | start-up policy, request dispatch, status |
+//! | [`server`] | the local API socket |
+//! | [`metrics`] | `/metrics` |
+//! | [`selftest`] | the start-up self-test |
+//! | [`runtime`] | what runs after start-up, until a signal or `uninstall` |
+//! | `sys`, `bpf_sys` | the raw syscalls (the only modules with `unsafe`) |
+#![deny(unsafe_code)]
 
+pub mod addr;
 pub mod agent;
-pub mod api;
+#[allow(unsafe_code)]
 mod bpf_sys;
-pub mod dataplane;
 mod error;
+pub mod loader;
+pub mod maps;
 pub mod metrics;
+pub mod pods;
+pub mod runtime;
 pub mod selftest;
 pub mod server;
-pub mod service_table;
 pub mod services;
 pub mod state;
+#[allow(unsafe_code)]
 pub mod sys;
 
 pub use error::{Error, Result};
-
-/// The kernel programs, built by `build.rs` from `dataplane-ebpf`.
-pub static EBPF_ELF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
-
-/// Defaults shared by the agent and the CLI.
-pub mod defaults {
-    pub const API_SOCKET: &str = "/run/meshlane/agent.sock";
-    pub const BPFFS: &str = "/sys/fs/bpf/meshlane";
-    pub const STATE_FILE: &str = "/run/meshlane/state.json";
-    pub const METRICS_ADDR: &str = "127.0.0.1:9464";
-}
+pub use meshlane_api::defaults;

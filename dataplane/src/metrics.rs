@@ -11,20 +11,17 @@ use prometheus_client::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use meshlane_api::types::Status;
+
 use crate::agent::Agent;
 
+/// One scrape's snapshot of the agent's status.
 #[derive(Debug)]
-struct DataplaneCollector(Arc<Mutex<Agent>>);
+struct Snapshot(Status);
 
-impl Collector for DataplaneCollector {
+impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(agent) = self.0.lock() else {
-            return Ok(());
-        };
-        let Ok(status) = agent.status() else {
-            return Ok(());
-        };
-        drop(agent);
+        let status = &self.0;
         let counters = encoder.encode_descriptor(
             "meshlane_dataplane_events",
             "Dataplane events by reason (sockets inserted, messages redirected, passes to the stack by cause)",
@@ -33,7 +30,7 @@ impl Collector for DataplaneCollector {
         )?;
         let mut counters = counters;
         for (name, v) in &status.counters {
-            let labels = [("reason", *name)];
+            let labels = [("reason", name.as_str())];
             ConstCounter::new(*v).encode(counters.encode_family(&labels)?)?;
         }
         for (name, help, v) in [
@@ -66,20 +63,31 @@ impl Collector for DataplaneCollector {
     }
 }
 
-pub fn registry(agent: Arc<Mutex<Agent>>) -> Registry {
+/// The exposition text of one scrape, read from the maps now; or why it cannot be produced.
+pub fn render(agent: &Mutex<Agent>) -> Result<String, String> {
+    let status = {
+        let a = agent
+            .lock()
+            .map_err(|_| "the agent's state is poisoned".to_string())?;
+        a.status()
+            .map_err(|e| format!("reading the agent's status: {e}"))?
+    };
     let mut r = Registry::default();
-    r.register_collector(Box::new(DataplaneCollector(agent)));
-    r
+    r.register_collector(Box::new(Snapshot(status)));
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, &r)
+        .map_err(|e| format!("encoding the metrics: {e}"))?;
+    Ok(body)
 }
 
 /// A deliberately small HTTP/1.1 responder: `GET /metrics` gets the exposition, anything else a
 /// 404. One request per connection.
-pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
+pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Mutex<Agent>>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
-        let registry = registry.clone();
+        let agent = agent.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
@@ -102,10 +110,16 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
             }
             let head = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if head.starts_with("GET /metrics ") {
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) => ("200 OK", body),
-                    Err(_) => ("500 Internal Server Error", "encoding failed\n".into()),
+                match tokio::task::spawn_blocking(move || render(&agent)).await {
+                    Ok(Ok(body)) => ("200 OK", body),
+                    Ok(Err(why)) => {
+                        tracing::error!("metrics scrape failed: {why}");
+                        ("500 Internal Server Error", format!("{why}\n"))
+                    }
+                    Err(e) => {
+                        tracing::error!("metrics scrape failed: {e}");
+                        ("500 Internal Server Error", format!("{e}\n"))
+                    }
                 }
             } else {
                 ("404 Not Found", "only /metrics is served here\n".into())

@@ -1,5 +1,7 @@
 //! The API server: a unix socket (mode 0600, so only root on the node can enroll pods), one
-//! request per line. Requests are handled one at a time under the agent's lock.
+//! request per line, one answer per line. Requests are handled one at a time under the agent's
+//! lock. A request the agent cannot take gets a refusal with a kind, never a closed connection
+//! without an answer.
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -7,17 +9,17 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use meshlane_api::{
+    ErrorKind, Refusal, Request, Response,
+    wire::{MAX_DRAIN_BYTES, MAX_REQUEST_BYTES, parse_request},
+};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
     sync::watch,
 };
 
-use crate::{
-    Error, Result,
-    agent::Agent,
-    api::{MAX_REQUEST_BYTES, Request, Response, parse_request},
-};
+use crate::{Error, Result, agent::Agent};
 
 /// Binds the API socket: removes a stale socket file, creates the directory, sets mode 0600.
 pub fn bind(path: &Path) -> Result<UnixListener> {
@@ -65,16 +67,31 @@ pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>, done: watch
                 }
                 let too_long = line.len() > MAX_REQUEST_BYTES && line.last() != Some(&b'\n');
                 let (resp, uninstalled) = if too_long {
+                    // Read the rest of the line (bounded) before answering: a client still
+                    // writing would otherwise get EPIPE instead of the refusal.
+                    let drained = drain_line(&mut r).await;
+                    let msg = format!(
+                        "request longer than the {MAX_REQUEST_BYTES}-byte limit{}; closing",
+                        if drained {
+                            ""
+                        } else {
+                            " (and than the drain limit)"
+                        }
+                    );
                     (
-                        Response::err(format!(
-                            "request longer than the {MAX_REQUEST_BYTES}-byte limit; closing"
-                        )),
+                        Response::refused(Refusal::new(ErrorKind::InvalidInput, msg)),
                         false,
                     )
                 } else {
                     handle_line(&agent, &line).await
                 };
-                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+                let mut out = match serde_json::to_vec(&resp) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(error = %e, "encoding an API response");
+                        return;
+                    }
+                };
                 out.push(b'\n');
                 if w.write_all(&out).await.is_err() {
                     return;
@@ -84,6 +101,7 @@ pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>, done: watch
                     return;
                 }
                 if too_long {
+                    let _peer_may_be_gone = w.shutdown().await;
                     return;
                 }
             }
@@ -91,14 +109,47 @@ pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>, done: watch
     }
 }
 
+/// Discards input up to the end of the current line, at most [`MAX_DRAIN_BYTES`]. Returns
+/// whether the end of the line (or of the stream) was reached.
+async fn drain_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> bool {
+    let mut seen = 0usize;
+    loop {
+        let buf = match r.fill_buf().await {
+            Ok([]) => return true,
+            Ok(b) => b,
+            Err(_) => return false,
+        };
+        let (used, found) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        r.consume(used);
+        seen += used;
+        if found {
+            return true;
+        }
+        if seen > MAX_DRAIN_BYTES {
+            return false;
+        }
+    }
+}
+
 async fn handle_line(agent: &Arc<Mutex<Agent>>, line: &[u8]) -> (Response, bool) {
     let text = match std::str::from_utf8(line) {
         Ok(t) => t.trim(),
-        Err(e) => return (Response::err(format!("request is not UTF-8: {e}")), false),
+        Err(e) => {
+            return (
+                Response::refused(Refusal::new(
+                    ErrorKind::InvalidInput,
+                    format!("request is not UTF-8: {e}"),
+                )),
+                false,
+            );
+        }
     };
     let req = match parse_request(text) {
         Ok(r) => r,
-        Err(e) => return (Response::err(e), false),
+        Err(refusal) => return (Response::refused(refusal), false),
     };
     let is_uninstall = req == Request::Uninstall;
     let agent = agent.clone();
@@ -106,13 +157,19 @@ async fn handle_line(agent: &Arc<Mutex<Agent>>, line: &[u8]) -> (Response, bool)
     let res = tokio::task::spawn_blocking(move || {
         let mut a = agent
             .lock()
-            .map_err(|_| Error::Invalid("agent state poisoned".into()))?;
+            .map_err(|_| Error::Internal("agent state poisoned".into()))?;
         a.handle(req)
     })
     .await;
     match res {
         Ok(Ok(v)) => (Response::ok(v), is_uninstall),
-        Ok(Err(e)) => (Response::err(e.to_string()), false),
-        Err(e) => (Response::err(format!("internal error: {e}")), false),
+        Ok(Err(e)) => (Response::refused(e.refusal()), false),
+        Err(e) => (
+            Response::refused(Refusal::new(
+                ErrorKind::Internal,
+                format!("internal error: {e}"),
+            )),
+            false,
+        ),
     }
 }

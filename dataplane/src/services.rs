@@ -1,760 +1,358 @@
-//! The services file: a YAML list of virtual addresses and their backends, read by the agent
-//! (`--services FILE`) and checked offline by `meshlane services check FILE`.
+//! Services on this node: the services file (its format and parser are
+//! [`meshlane_api::services`], shared with the CLI's offline check), the watcher that notices
+//! when it changes, and the table writer that puts a validated table into the service maps
+//! without a moment where a service has no valid backend set.
 //!
-//! ```yaml
-//! services:
-//!   - name: web                # required: a label for status and metrics
-//!     vip: 10.96.0.10          # required: IPv4 or IPv6 (quote IPv6 if you like)
-//!     port: 80                 # required: 1-65535
-//!     protocol: TCP            # TCP (default) or UDP
-//!     balance: random          # random (default) or client-address
-//!     backends:                # IP:port; IPv6 as "[fd00::1]:8080"; empty = connects refused
-//!       - 10.77.0.11:8080
-//! ```
-//!
-//! Parsing keeps every node's line, so every error names the line, the field (as a path like
-//! `services[3].backends[1]`) and what was expected. All errors of a file are reported at once,
-//! and a file with any error changes nothing.
+//! Each service keeps a stable id (its counters' index) while it exists. Its backends live in one
+//! of two backend sets (`id * 2` and `id * 2 + 1`): a change writes the other set, switches the
+//! service entry to it in one map update, then deletes the old set. A connect sees the old
+//! backends or the new ones, never a mix, and never an empty slot.
 
 use std::{
-    collections::{BTreeSet, HashMap},
-    fmt,
-    net::{IpAddr, SocketAddr},
-    path::Path,
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::SystemTime,
 };
 
-use dataplane_common::{MAX_BACKENDS_PER_SERVICE, MAX_TOTAL_BACKENDS, SERVICES_CAPACITY};
+use dataplane_common::{BackendKey, Service, ServiceKey, service_flags};
+pub use meshlane_api::services::{
+    Balance, LoadError, Protocol, Rejected, ServiceSpec, load, parse,
+};
+use meshlane_api::types::{ServiceView, ServicesSummary};
 use serde::Serialize;
-use yaml_rust2::{
-    parser::{Event, MarkedEventReceiver, Parser},
-    scanner::{Marker, TScalarStyle},
+
+use crate::{
+    Result,
+    addr::{ip_key, key_socket_addr, map_addr},
+    maps::Maps,
 };
 
-/// Larger files are refused before parsing (a 16,384-service table is about 2 MB).
-pub const MAX_FILE_BYTES: usize = 16 * 1024 * 1024;
-/// At most this many errors are reported; the rest are summarised.
-const MAX_ERRORS: usize = 50;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub enum Protocol {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
+/// A service as the agent wrote it to the maps.
+#[derive(Clone, Debug)]
+struct InForce {
+    service: Service,
+    /// None for a service adopted from the pinned maps of an earlier agent, until the file is
+    /// loaded again.
+    spec: Option<ServiceSpec>,
 }
 
-impl Protocol {
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => dataplane_common::IPPROTO_TCP,
-            Protocol::Udp => dataplane_common::IPPROTO_UDP,
+/// Outcome of applying a table.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Applied {
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+pub struct ServiceTable {
+    file: Option<ServicesFile>,
+    in_force: HashMap<ServiceKey, InForce>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+    loads: u64,
+    loaded_at: Option<u64>,
+    last_error: Option<String>,
+}
+
+/// The services file as last seen: it is re-read when its modification time or length change,
+/// and parsed only when its contents did.
+#[derive(Debug)]
+pub struct ServicesFile {
+    path: PathBuf,
+    /// (modification time, length, content hash) of the file as last read, applied or not, so
+    /// an unchanged bad file is not re-reported every poll.
+    seen: Option<(Option<SystemTime>, u64, u64)>,
+    /// The last error reported for a file that could not be read, so it is reported once.
+    unreadable: Option<String>,
+}
+
+impl ServicesFile {
+    pub fn new(path: PathBuf) -> Self {
+        ServicesFile {
+            path,
+            seen: None,
+            unreadable: None,
         }
+    }
+
+    /// The file's table if the file changed since the last look (`None`: nothing new), or why
+    /// it is refused.
+    pub fn poll(&mut self) -> Option<Result<Vec<ServiceSpec>, String>> {
+        let path = &self.path;
+        let unreadable = |this: &mut Self, msg: String| {
+            this.seen = None;
+            let new = this.unreadable.as_deref() != Some(msg.as_str());
+            this.unreadable = Some(msg.clone());
+            new.then_some(Err(msg))
+        };
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) => {
+                let msg = format!(
+                    "services file {}: {e}; the previous table stays in force",
+                    path.display()
+                );
+                return unreadable(self, msg);
+            }
+        };
+        let quick = (meta.modified().ok(), meta.len());
+        if self.seen.is_some_and(|(m, l, _)| (m, l) == quick) {
+            return None;
+        }
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                let msg = format!(
+                    "reading services file {}: {e}; the previous table stays in force",
+                    path.display()
+                );
+                return unreadable(self, msg);
+            }
+        };
+        self.unreadable = None;
+        let hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            h.finish()
+        };
+        let same_content = self.seen.is_some_and(|(_, _, h)| h == hash);
+        self.seen = Some((quick.0, quick.1, hash));
+        if same_content {
+            return None;
+        }
+        Some(
+            meshlane_api::services::parse_bytes(&bytes).map_err(|rejected| {
+                LoadError::Rejected {
+                    path: path.clone(),
+                    rejected,
+                }
+                .to_string()
+            }),
+        )
     }
 }
 
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
+fn key_of(s: &ServiceSpec) -> ServiceKey {
+    ServiceKey {
+        ip: ip_key(&s.vip),
+        port: s.port,
+        proto: s.protocol.number(),
+        _pad: 0,
+    }
+}
+
+fn flags_of(s: &ServiceSpec) -> u32 {
+    match s.balance {
+        Balance::Random => 0,
+        Balance::ClientAddress => service_flags::AFFINITY_CLIENT_ADDR,
+    }
+}
+
+impl ServiceTable {
+    /// Takes over the table an earlier agent left in the pinned maps, and removes backend sets
+    /// no service points to (left by an agent killed in the middle of an update).
+    pub fn adopt(dp: &mut Maps, file: Option<PathBuf>) -> Result<Self> {
+        let file = file.map(ServicesFile::new);
+        let mut in_force = HashMap::new();
+        let mut used = std::collections::BTreeSet::new();
+        for (key, service) in dp.service_entries()? {
+            used.insert(service.id);
+            in_force.insert(
+                key,
+                InForce {
+                    service,
+                    spec: None,
+                },
+            );
+        }
+        let live: HashMap<u32, u32> = in_force
+            .values()
+            .map(|f| (f.service.backend_set, f.service.count))
+            .collect();
+        for k in dp.backend_keys()? {
+            if live.get(&k.set).is_none_or(|&count| k.index >= count) {
+                dp.del_backend(&k)?;
+            }
+        }
+        let next_id = used.iter().next_back().map_or(0, |m| m + 1);
+        let free_ids = (0..next_id).filter(|i| !used.contains(i)).rev().collect();
+        Ok(ServiceTable {
+            file,
+            in_force,
+            free_ids,
+            next_id,
+            loads: 0,
+            loaded_at: None,
+            last_error: None,
         })
     }
-}
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Balance {
-    Random,
-    ClientAddress,
-}
-
-/// One service: a virtual address and its backends.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ServiceSpec {
-    pub name: String,
-    pub vip: IpAddr,
-    pub port: u16,
-    pub protocol: Protocol,
-    pub balance: Balance,
-    pub backends: Vec<SocketAddr>,
-    /// Line of the entry in the file.
-    #[serde(skip)]
-    pub line: usize,
-    /// Position of the entry in the file's list.
-    #[serde(skip)]
-    pub index: usize,
-}
-
-impl ServiceSpec {
-    /// `VIP:port/PROTO` as it appears in messages.
-    pub fn frontend(&self) -> String {
-        format!("{}/{}", SocketAddr::new(self.vip, self.port), self.protocol)
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_ref().map(|f| f.path.as_path())
     }
-}
 
-/// One problem in a services file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct FileError {
-    pub line: usize,
-    pub column: usize,
-    /// The field, as a path (`services[3].port`); empty for syntax errors.
-    pub field: String,
-    pub message: String,
-}
+    fn alloc_id(&mut self) -> u32 {
+        self.free_ids.pop().unwrap_or_else(|| {
+            self.next_id += 1;
+            self.next_id - 1
+        })
+    }
 
-impl fmt::Display for FileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "line {}, column {}: ", self.line, self.column)?;
-        if !self.field.is_empty() {
-            write!(f, "{}: ", self.field)?;
+    /// Makes the maps hold exactly `specs` (already validated).
+    pub fn apply(&mut self, dp: &mut Maps, specs: Vec<ServiceSpec>) -> Result<Applied> {
+        let mut out = Applied::default();
+        let mut wanted: HashMap<ServiceKey, ServiceSpec> = HashMap::with_capacity(specs.len());
+        for s in specs {
+            wanted.insert(key_of(&s), s);
         }
-        f.write_str(&self.message)
-    }
-}
-
-/// Why a services file was refused: every problem found, in file order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Rejected {
-    pub errors: Vec<FileError>,
-    /// Problems found beyond the ones listed.
-    pub more: usize,
-}
-
-impl fmt::Display for Rejected {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.errors.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
+        // Removals first, so their ids and backend slots are free for the additions.
+        let gone: Vec<ServiceKey> = self
+            .in_force
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(f) = self.in_force.remove(&key) {
+                dp.del_service(&key)?;
+                self.delete_set(dp, f.service.backend_set, f.service.count)?;
+                self.free_ids.push(f.service.id);
+                out.removed += 1;
             }
-            write!(f, "{e}")?;
         }
-        if self.more > 0 {
-            write!(f, "\n… and {} more", self.more)?;
+        for (key, spec) in wanted {
+            let flags = flags_of(&spec);
+            let (id, set, old) = match self.in_force.get(&key) {
+                Some(f) => {
+                    let same = f
+                        .spec
+                        .as_ref()
+                        .is_some_and(|old| old.backends == spec.backends && flags_of(old) == flags);
+                    if same {
+                        self.in_force.get_mut(&key).expect("present").spec = Some(spec);
+                        out.unchanged += 1;
+                        continue;
+                    }
+                    (f.service.id, f.service.backend_set ^ 1, Some(f.service))
+                }
+                None => {
+                    let id = self.alloc_id();
+                    dp.reset_service_stats(id)?;
+                    (id, id * 2, None)
+                }
+            };
+            for (i, b) in spec.backends.iter().enumerate() {
+                dp.put_backend(
+                    BackendKey {
+                        set,
+                        index: i as u32,
+                    },
+                    map_addr(b),
+                )?;
+            }
+            let service = Service {
+                id,
+                backend_set: set,
+                count: spec.backends.len() as u32,
+                flags,
+            };
+            dp.put_service(key, service)?;
+            match old {
+                Some(o) => {
+                    self.delete_set(dp, o.backend_set, o.count)?;
+                    out.changed += 1;
+                }
+                None => out.added += 1,
+            }
+            self.in_force.insert(
+                key,
+                InForce {
+                    service,
+                    spec: Some(spec),
+                },
+            );
+        }
+        self.loads += 1;
+        self.loaded_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        Ok(out)
+    }
+
+    fn delete_set(&self, dp: &mut Maps, set: u32, count: u32) -> Result<()> {
+        for index in 0..count {
+            dp.del_backend(&BackendKey { set, index })?;
         }
         Ok(())
     }
-}
 
-impl Rejected {
-    fn one(line: usize, column: usize, message: impl Into<String>) -> Self {
-        Rejected {
-            errors: vec![FileError {
-                line,
-                column,
-                field: String::new(),
-                message: message.into(),
-            }],
-            more: 0,
-        }
-    }
-
-    /// The report with a file name in front of every line, for logs and the CLI.
-    pub fn with_path(&self, path: &Path) -> String {
-        self.to_string()
-            .lines()
-            .map(|l| format!("{}: {l}", path.display()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-/// Reads and parses a services file.
-pub fn load(path: &Path) -> Result<Vec<ServiceSpec>, LoadError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
-        path: path.into(),
-        source,
-    })?;
-    parse_bytes(&bytes).map_err(|rejected| LoadError::Rejected {
-        path: path.into(),
-        rejected,
-    })
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("reading services file {path}: {source}")]
-    Read {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("services file {} refused, the previous table stays in force:\n{}", path.display(), rejected.with_path(path))]
-    Rejected {
-        path: std::path::PathBuf,
-        rejected: Rejected,
-    },
-}
-
-/// Parses the bytes of a services file.
-pub fn parse_bytes(bytes: &[u8]) -> Result<Vec<ServiceSpec>, Rejected> {
-    if bytes.len() > MAX_FILE_BYTES {
-        return Err(Rejected::one(
-            1,
-            1,
-            format!(
-                "the file is {} bytes; the limit is {MAX_FILE_BYTES}",
-                bytes.len()
-            ),
-        ));
-    }
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        let ok = &bytes[..e.valid_up_to()];
-        let line = ok.iter().filter(|&&b| b == b'\n').count() + 1;
-        let column = ok.len() - ok.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
-        Rejected::one(
-            line,
-            column,
-            format!(
-                "not UTF-8 text (invalid byte at offset {})",
-                e.valid_up_to()
-            ),
-        )
-    })?;
-    parse(text)
-}
-
-/// Parses the text of a services file.
-pub fn parse(text: &str) -> Result<Vec<ServiceSpec>, Rejected> {
-    let root = build_tree(text)?;
-    let mut v = Validator::default();
-    let services = v.file(root.as_ref());
-    v.finish(services)
-}
-
-// ---------------------------------------------------------------------------------------------
-// A YAML tree that remembers where each node is.
-
-#[derive(Debug)]
-enum Value {
-    Scalar { text: String, quoted: bool },
-    Seq(Vec<Node>),
-    Map(Vec<(Node, Node)>),
-}
-
-#[derive(Debug)]
-struct Node {
-    value: Value,
-    line: usize,
-    column: usize,
-}
-
-#[derive(Default)]
-struct TreeBuilder {
-    /// Open collections: the node being filled and, for mappings, a key waiting for its value.
-    stack: Vec<(Node, Option<Node>)>,
-    root: Option<Node>,
-    documents: usize,
-    error: Option<Rejected>,
-}
-
-impl TreeBuilder {
-    fn push_value(&mut self, node: Node) {
-        match self.stack.last_mut() {
-            None => self.root = Some(node),
-            Some((parent, pending_key)) => match &mut parent.value {
-                Value::Seq(items) => items.push(node),
-                Value::Map(entries) => match pending_key.take() {
-                    None => *pending_key = Some(node),
-                    Some(k) => entries.push((k, node)),
-                },
-                Value::Scalar { .. } => unreachable!("scalars are never on the stack"),
-            },
-        }
-    }
-}
-
-impl MarkedEventReceiver for TreeBuilder {
-    fn on_event(&mut self, ev: Event, mark: Marker) {
-        if self.error.is_some() {
-            return;
-        }
-        let at = |value| Node {
-            value,
-            line: mark.line(),
-            column: mark.col() + 1,
-        };
-        match ev {
-            Event::DocumentStart => {
-                self.documents += 1;
-                if self.documents > 1 {
-                    self.error = Some(Rejected::one(
-                        mark.line(),
-                        mark.col() + 1,
-                        "a services file holds one YAML document",
-                    ));
-                }
-            }
-            Event::Alias(_) => {
-                self.error = Some(Rejected::one(
-                    mark.line(),
-                    mark.col() + 1,
-                    "YAML aliases are not supported in services files",
-                ));
-            }
-            Event::Scalar(text, style, _, _) => {
-                let quoted = !matches!(style, TScalarStyle::Plain);
-                self.push_value(at(Value::Scalar { text, quoted }));
-            }
-            Event::SequenceStart(..) => self.stack.push((at(Value::Seq(Vec::new())), None)),
-            Event::MappingStart(..) => self.stack.push((at(Value::Map(Vec::new())), None)),
-            Event::SequenceEnd | Event::MappingEnd => {
-                if let Some((node, _)) = self.stack.pop() {
-                    self.push_value(node);
-                }
-            }
-            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
-        }
-    }
-}
-
-fn build_tree(text: &str) -> Result<Option<Node>, Rejected> {
-    let mut b = TreeBuilder::default();
-    let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut b, true) {
-        let m = e.marker();
-        return Err(Rejected::one(
-            m.line(),
-            m.col() + 1,
-            format!("not valid YAML: {}", e.info()),
-        ));
-    }
-    if let Some(e) = b.error {
-        return Err(e);
-    }
-    Ok(b.root)
-}
-
-// ---------------------------------------------------------------------------------------------
-// From the tree to services, collecting every error.
-
-#[derive(Default)]
-struct Validator {
-    errors: Vec<FileError>,
-}
-
-impl Validator {
-    fn err(&mut self, node: &Node, field: &str, message: impl Into<String>) {
-        self.errors.push(FileError {
-            line: node.line,
-            column: node.column,
-            field: field.into(),
-            message: message.into(),
+    /// Loads the services file if it changed since the last look, and applies it. Returns what
+    /// happened, for the log: `None` when there was nothing new. A refused file (or a missing
+    /// one) leaves the previous table in force and is reported once, not at every poll.
+    pub fn poll(&mut self, dp: &mut Maps) -> Option<Result<Applied, String>> {
+        let read = self.file.as_mut()?.poll()?;
+        let path = self.file.as_ref()?.path.clone();
+        let result = read.and_then(|specs| {
+            self.apply(dp, specs)
+                .map_err(|e| format!("applying services file {}: {e}", path.display()))
         });
+        self.last_error = result.as_ref().err().cloned();
+        Some(result)
     }
 
-    fn finish(mut self, services: Vec<ServiceSpec>) -> Result<Vec<ServiceSpec>, Rejected> {
-        if self.errors.is_empty() {
-            return Ok(services);
-        }
-        self.errors.sort_by_key(|e| (e.line, e.column));
-        let more = self.errors.len().saturating_sub(MAX_ERRORS);
-        self.errors.truncate(MAX_ERRORS);
-        Err(Rejected {
-            errors: self.errors,
-            more,
-        })
-    }
-
-    /// The entries of a mapping, refusing keys other than `allowed` and duplicate keys.
-    fn fields<'n>(
-        &mut self,
-        node: &'n Node,
-        path: &str,
-        allowed: &[&str],
-    ) -> Option<HashMap<&'n str, &'n Node>> {
-        let Value::Map(entries) = &node.value else {
-            self.err(
-                node,
-                path,
-                format!(
-                    "expected a mapping with {}, found {}",
-                    allowed.join(", "),
-                    describe(node)
-                ),
-            );
-            return None;
-        };
-        let mut out = HashMap::new();
-        for (k, v) in entries {
-            let Value::Scalar { text, .. } = &k.value else {
-                self.err(k, path, "keys must be plain names");
-                continue;
-            };
-            let field = join(path, text);
-            if !allowed.contains(&text.as_str()) {
-                self.err(
-                    k,
-                    &field,
-                    format!("unknown field; expected one of {}", allowed.join(", ")),
-                );
-            } else if out.insert(text.as_str(), v).is_some() {
-                self.err(k, &field, "given twice");
-            }
-        }
-        Some(out)
-    }
-
-    fn file(&mut self, root: Option<&Node>) -> Vec<ServiceSpec> {
-        // An empty file is an empty table.
-        let Some(root) = root else {
-            return Vec::new();
-        };
-        if matches!(&root.value, Value::Scalar { text, quoted: false } if text.is_empty() || text == "~" || text == "null")
-        {
-            return Vec::new();
-        }
-        let Some(top) = self.fields(root, "", &["services"]) else {
-            return Vec::new();
-        };
-        let Some(list) = top.get("services") else {
-            self.err(root, "services", "missing; expected a list of services");
-            return Vec::new();
-        };
-        let items = match &list.value {
-            Value::Seq(items) => items,
-            Value::Scalar {
-                text,
-                quoted: false,
-            } if text.is_empty() || text == "~" || text == "null" => {
-                return Vec::new();
-            }
-            _ => {
-                self.err(
-                    list,
-                    "services",
-                    format!("expected a list, found {}", describe(list)),
-                );
-                return Vec::new();
-            }
-        };
-        if items.len() > SERVICES_CAPACITY as usize {
-            self.err(
-                list,
-                "services",
-                format!(
-                    "{} services; this agent holds at most {SERVICES_CAPACITY}",
-                    items.len()
-                ),
-            );
-        }
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            if let Some(s) = self.service(item, i) {
-                out.push(s);
-            }
-        }
-        self.cross_checks(&out);
-        out
-    }
-
-    fn service(&mut self, node: &Node, index: usize) -> Option<ServiceSpec> {
-        const FIELDS: &[&str] = &["name", "vip", "port", "protocol", "balance", "backends"];
-        let path = &format!("services[{index}]");
-        let f = self.fields(node, path, FIELDS)?;
-        let before = self.errors.len();
-        // "missing" points at the entry's first key (a mapping's own mark is after it).
-        let anchor = match &node.value {
-            Value::Map(entries) if !entries.is_empty() => &entries[0].0,
-            _ => node,
-        };
-        let required = |v: &mut Self, key: &str| -> Option<&Node> {
-            let n = f.get(key).copied();
-            if n.is_none() {
-                v.err(anchor, &join(path, key), "missing");
-            }
-            n
-        };
-        let name = required(self, "name").and_then(|n| self.name(n, &join(path, "name")));
-        let vip = required(self, "vip").and_then(|n| self.vip(n, &join(path, "vip")));
-        let port = required(self, "port").and_then(|n| self.port(n, &join(path, "port")));
-        let protocol = match f.get("protocol") {
-            None => Some(Protocol::Tcp),
-            Some(n) => self.protocol(n, &join(path, "protocol")),
-        };
-        let balance = match f.get("balance") {
-            None => Some(Balance::Random),
-            Some(n) => self.balance(n, &join(path, "balance")),
-        };
-        let backends = match f.get("backends") {
-            None => Some(Vec::new()),
-            Some(n) => self.backends(n, &join(path, "backends"), vip),
-        };
-        if self.errors.len() != before {
-            return None;
-        }
-        Some(ServiceSpec {
-            name: name?,
-            vip: vip?,
-            port: port?,
-            protocol: protocol?,
-            balance: balance?,
-            backends: backends?,
-            line: anchor.line,
-            index,
-        })
-    }
-
-    fn scalar<'n>(
-        &mut self,
-        node: &'n Node,
-        path: &str,
-        expected: &str,
-    ) -> Option<(&'n str, bool)> {
-        match &node.value {
-            Value::Scalar { text, quoted } => Some((text.as_str(), *quoted)),
-            _ => {
-                self.err(
-                    node,
-                    path,
-                    format!("expected {expected}, found {}", describe(node)),
-                );
-                None
-            }
+    pub fn summary(&self) -> ServicesSummary {
+        ServicesSummary {
+            file: self.file().map(Path::to_path_buf),
+            loads: self.loads,
+            loaded_at: self.loaded_at,
+            services: self.in_force.len(),
+            backends: self
+                .in_force
+                .values()
+                .map(|f| f.service.count as usize)
+                .sum(),
+            last_error: self.last_error.clone(),
         }
     }
 
-    fn name(&mut self, node: &Node, path: &str) -> Option<String> {
-        let (s, _) = self.scalar(node, path, "a name")?;
-        let ok = !s.is_empty()
-            && s.len() <= 253
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'/'));
-        if !ok {
-            self.err(
-                node,
-                path,
-                format!("{s:?} is not a name: use 1-253 letters, digits, '-', '.', '_' or '/'"),
-            );
-            return None;
-        }
-        Some(s.to_owned())
-    }
-
-    fn vip(&mut self, node: &Node, path: &str) -> Option<IpAddr> {
-        let (s, _) = self.scalar(node, path, "an IP address")?;
-        let ip: IpAddr = match s.parse() {
-            Ok(ip) => ip,
-            Err(_) => {
-                self.err(
-                    node,
-                    path,
-                    format!("{s:?} is not an IP address (like 10.96.0.10 or fd00::10)"),
-                );
-                return None;
-            }
-        };
-        let bad = match ip {
-            IpAddr::V4(v4) => {
-                v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast()
-            }
-            IpAddr::V6(v6) => {
-                v6.is_unspecified()
-                    || v6.is_loopback()
-                    || v6.is_multicast()
-                    || v6.to_ipv4_mapped().is_some()
-            }
-        };
-        if bad {
-            self.err(
-                node,
-                path,
-                format!("{ip} cannot be a service address (unspecified, loopback, multicast, broadcast and IPv4-mapped addresses are refused)"),
-            );
-            return None;
-        }
-        Some(ip)
-    }
-
-    fn port(&mut self, node: &Node, path: &str) -> Option<u16> {
-        let (s, quoted) = self.scalar(node, path, "an integer 1-65535")?;
-        match s.parse::<u16>() {
-            Ok(p) if p > 0 && !quoted => Some(p),
-            _ => {
-                let found = if quoted {
-                    format!("the string {s:?}")
-                } else {
-                    format!("{s:?}")
-                };
-                self.err(
-                    node,
-                    path,
-                    format!("expected an integer 1-65535, found {found}"),
-                );
-                None
-            }
-        }
-    }
-
-    fn protocol(&mut self, node: &Node, path: &str) -> Option<Protocol> {
-        let (s, _) = self.scalar(node, path, "TCP or UDP")?;
-        match s.to_ascii_uppercase().as_str() {
-            "TCP" => Some(Protocol::Tcp),
-            "UDP" => Some(Protocol::Udp),
-            _ => {
-                self.err(
-                    node,
-                    path,
-                    format!("unknown protocol {s:?}; expected TCP or UDP"),
-                );
-                None
-            }
-        }
-    }
-
-    fn balance(&mut self, node: &Node, path: &str) -> Option<Balance> {
-        let (s, _) = self.scalar(node, path, "random or client-address")?;
-        match s {
-            "random" => Some(Balance::Random),
-            "client-address" => Some(Balance::ClientAddress),
-            _ => {
-                self.err(
-                    node,
-                    path,
-                    format!("unknown balance {s:?}; expected random or client-address"),
-                );
-                None
-            }
-        }
-    }
-
-    fn backends(
-        &mut self,
-        node: &Node,
-        path: &str,
-        vip: Option<IpAddr>,
-    ) -> Option<Vec<SocketAddr>> {
-        let items = match &node.value {
-            Value::Seq(items) => items,
-            Value::Scalar {
-                text,
-                quoted: false,
-            } if text.is_empty() || text == "~" || text == "null" => {
-                return Some(Vec::new());
-            }
-            _ => {
-                self.err(
-                    node,
-                    path,
-                    format!("expected a list of IP:port, found {}", describe(node)),
-                );
-                return None;
-            }
-        };
-        if items.len() > MAX_BACKENDS_PER_SERVICE as usize {
-            self.err(
-                node,
-                path,
-                format!(
-                    "{} backends; a service has at most {MAX_BACKENDS_PER_SERVICE}",
-                    items.len()
-                ),
-            );
-            return None;
-        }
-        let mut out = Vec::with_capacity(items.len());
-        let mut seen = BTreeSet::new();
-        for (j, item) in items.iter().enumerate() {
-            let p = format!("{path}[{j}]");
-            let Some((s, _)) = self.scalar(item, &p, "IP:port") else {
-                continue;
-            };
-            let addr: SocketAddr = match s.parse() {
-                Ok(a) => a,
-                Err(_) => {
-                    self.err(
-                        item,
-                        &p,
-                        format!("{s:?} is not an address; expected IP:port such as 10.77.0.11:8080 or \"[fd77::11]:8080\""),
-                    );
-                    continue;
-                }
-            };
-            if addr.port() == 0 {
-                self.err(item, &p, format!("{s:?} has port 0; expected 1-65535"));
-                continue;
-            }
-            let ip = addr.ip();
-            if ip.is_unspecified() || ip.is_multicast() {
-                self.err(item, &p, format!("{s:?} is not a unicast address"));
-                continue;
-            }
-            if let Some(vip) = vip
-                && vip.is_ipv4() != ip.is_ipv4()
-            {
-                self.err(
-                    item,
-                    &p,
-                    format!("{s:?} is {} but the VIP {vip} is {}; a service's backends have its VIP's family",
-                        family(&ip), family(&vip)),
-                );
-                continue;
-            }
-            if !seen.insert(addr) {
-                self.err(item, &p, format!("{s:?} is listed twice"));
-                continue;
-            }
-            out.push(addr);
-        }
-        Some(out)
-    }
-
-    /// Checks across services: one entry per VIP:port/protocol, and the total backend count.
-    fn cross_checks(&mut self, services: &[ServiceSpec]) {
-        let mut first: HashMap<(IpAddr, u16, Protocol), &ServiceSpec> = HashMap::new();
-        let mut total = 0usize;
-        for s in services {
-            total += s.backends.len();
-            if let Some(earlier) = first.get(&(s.vip, s.port, s.protocol)) {
-                self.errors.push(FileError {
-                    line: s.line,
-                    column: 1,
-                    field: format!("services[{}]", s.index),
-                    message: format!(
-                        "duplicate VIP: {} is already defined by services[{}] ({:?}, line {})",
+    /// Every service with its counters, in file order (adopted, unnamed ones last).
+    pub fn views(&self, dp: &Maps) -> Result<Vec<ServiceView>> {
+        let mut all: Vec<(&ServiceKey, &InForce)> = self.in_force.iter().collect();
+        all.sort_by_key(|(_, f)| f.spec.as_ref().map_or(usize::MAX, |s| s.index));
+        all.into_iter()
+            .map(|(key, f)| {
+                let stats = dp.service_stats(f.service.id)?;
+                let (name, frontend, balance, backends) = match &f.spec {
+                    Some(s) => (
+                        Some(s.name.clone()),
                         s.frontend(),
-                        earlier.index,
-                        earlier.name,
-                        earlier.line
+                        Some(s.balance),
+                        s.backends.clone(),
                     ),
-                });
-            } else {
-                first.insert((s.vip, s.port, s.protocol), s);
-            }
-        }
-        if total > MAX_TOTAL_BACKENDS as usize {
-            self.errors.push(FileError {
-                line: 1,
-                column: 1,
-                field: "services".into(),
-                message: format!(
-                    "{total} backends in all; this agent holds at most {MAX_TOTAL_BACKENDS}"
-                ),
-            });
-        }
-    }
-}
-
-fn family(ip: &IpAddr) -> &'static str {
-    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
-}
-
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
-fn describe(node: &Node) -> String {
-    match &node.value {
-        Value::Scalar { text, .. } if text.len() > 40 => format!(
-            "{:?}…",
-            &text[..text.char_indices().nth(40).map_or(text.len(), |(i, _)| i)]
-        ),
-        Value::Scalar { text, .. } => format!("{text:?}"),
-        Value::Seq(_) => "a list".into(),
-        Value::Map(_) => "a mapping".into(),
+                    None => {
+                        let proto = if key.proto == Protocol::Udp.number() {
+                            "UDP"
+                        } else {
+                            "TCP"
+                        };
+                        let a = key_socket_addr(key.ip, u32::from(key.port));
+                        (None, format!("{a}/{proto}"), None, Vec::new())
+                    }
+                };
+                Ok(ServiceView {
+                    name,
+                    frontend,
+                    balance,
+                    backends,
+                    connects: stats.connects,
+                    datagrams: stats.datagrams,
+                    refused: stats.refused,
+                })
+            })
+            .collect()
     }
 }
 
@@ -762,66 +360,48 @@ fn describe(node: &Node) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_good_file_parses_with_defaults() {
-        let t = parse(
-            "services:\n  - name: web\n    vip: 10.96.0.10\n    port: 80\n    balance: client-address\n    backends: [10.0.0.1:8080, 10.0.0.2:8080]\n",
-        )
-        .unwrap();
-        assert_eq!(t[0].backends.len(), 2);
-        assert_eq!((t[0].line, t[0].balance), (2, Balance::ClientAddress));
-        let t =
-            parse("services:\n  - name: web\n    vip: fd96::10\n    port: 80\n    protocol: udp\n")
-                .unwrap();
-        assert_eq!(t[0].protocol, Protocol::Udp);
-        assert_eq!(t[0].balance, Balance::Random);
-        assert!(t[0].backends.is_empty());
-        assert_eq!(t[0].frontend(), "[fd96::10]:80/UDP");
-    }
+    const ONE: &str = "services:\n  - name: web\n    vip: 10.96.0.10\n    port: 80\n    backends: [10.77.0.11:8080]\n";
 
+    /// The watcher reports a new table once, a refused file once (with its line), an unchanged
+    /// file never, and a vanished file once.
     #[test]
-    fn empty_files_are_empty_tables() {
-        assert_eq!(parse("").unwrap(), vec![]);
-        assert_eq!(parse("services: []\n").unwrap(), vec![]);
-        assert_eq!(parse("services:\n").unwrap(), vec![]);
-    }
+    fn the_watcher_reports_each_change_once() {
+        let dir = std::env::temp_dir().join(format!("meshlane-svcfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("services.yaml");
+        std::fs::write(&path, ONE).unwrap();
+        let mut w = ServicesFile::new(path.clone());
 
-    #[test]
-    fn every_error_is_reported_with_its_line_and_field() {
-        let e = parse(
-            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 0\n    extra: 1\n  - vip: nope\n    port: \"80\"\n",
-        )
-        .unwrap_err()
-        .to_string();
-        for want in [
-            "line 4, column 11: services[0].port: expected an integer 1-65535, found \"0\"",
-            "line 5, column 5: services[0].extra: unknown field",
-            "line 6, column 5: services[1].name: missing",
-            "line 6, column 10: services[1].vip: \"nope\" is not an IP address",
-            "line 7, column 11: services[1].port: expected an integer 1-65535, found the string \"80\"",
-        ] {
-            assert!(e.contains(want), "missing {want:?} in:\n{e}");
-        }
-    }
+        let specs = w.poll().expect("a new file is reported").expect("valid");
+        assert_eq!(specs.len(), 1);
+        assert_eq!(specs[0].name, "web");
+        assert!(
+            w.poll().is_none(),
+            "an unchanged file is not reported again"
+        );
 
-    #[test]
-    fn syntax_errors_and_non_utf8_name_their_place() {
-        let e = parse("services:\n  - name: [unclosed\n").unwrap_err();
-        assert!(e.errors[0].message.starts_with("not valid YAML"), "{e}");
-        let e = parse_bytes(b"services:\n  - name: \xff\n").unwrap_err();
-        assert_eq!((e.errors[0].line, e.errors[0].column), (2, 11), "{e}");
-        let e = parse("services:\n  - &a {name: x}\n  - *a\n").unwrap_err();
-        assert!(e.to_string().contains("aliases"), "{e}");
-    }
+        // Same length, other contents (the modification time may not change within a tick):
+        // a changed length is what makes the watcher look, so change it.
+        std::fs::write(&path, ONE.replace("port: 80", "port: 8080")).unwrap();
+        let specs = w
+            .poll()
+            .expect("a changed file is reported")
+            .expect("valid");
+        assert_eq!(specs[0].port, 8080);
 
-    #[test]
-    fn families_must_match_and_backends_are_unique() {
-        let e = parse(
-            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    backends: [\"[fd00::1]:80\", 10.0.0.1:80, 10.0.0.1:80]\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("is IPv6 but the VIP 10.96.0.1 is IPv4"), "{e}");
-        assert!(e.contains("\"10.0.0.1:80\" is listed twice"), "{e}");
+        std::fs::write(&path, "services:\n  - name: web\n    vip: nope\n").unwrap();
+        let err = w.poll().expect("a bad file is reported").unwrap_err();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("previous table stays in force"), "{err}");
+        assert!(w.poll().is_none(), "a bad file is reported once");
+
+        std::fs::remove_file(&path).unwrap();
+        let err = w.poll().expect("a vanished file is reported").unwrap_err();
+        assert!(err.contains("No such file"), "{err}");
+        assert!(w.poll().is_none(), "a vanished file is reported once");
+
+        std::fs::write(&path, ONE).unwrap();
+        assert!(w.poll().expect("the file is back").is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -130,7 +130,7 @@ pub fn netns_cookie(path: &Path) -> Result<u64> {
         current_netns_cookie().map_err(|e| Error::io("reading SO_NETNS_COOKIE", &path_owned, e))
     })
     .join()
-    .map_err(|_| Error::Invalid("the netns cookie thread panicked".into()))?
+    .map_err(|_| Error::Internal("the netns cookie thread panicked".into()))?
 }
 
 /// The cookie of the calling thread's network namespace.
@@ -158,6 +158,33 @@ pub fn current_netns_cookie() -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+/// Brings `lo` up in the current network namespace (a new netns starts with it down).
+pub fn set_loopback_up() -> std::io::Result<()> {
+    // SAFETY: socket(2) for the ioctl; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; we set the name and flags.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq.
+    let rc = unsafe {
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if rc == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        rc
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    if rc < 0 { Err(err) } else { Ok(()) }
 }
 
 #[cfg(test)]

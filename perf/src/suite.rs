@@ -10,19 +10,22 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use meshlane::state::SidecarSpec;
+use meshlane_api::types::SidecarSpec;
 use meshlane_lab::{
-    Lab, Pod,
-    bench::{
-        CpuClock, HaltPoll, Pin, cross_cpu_interrupts, iperf3, oha, sockperf_pingpong,
-        sockperf_throughput, wrk,
-    },
-    bin, spawn_piped,
+    Lab, Pod, bin, spawn_piped,
     svc::{
         Proc, flush_iptables, haproxy_sidecar, install_istio_iptables, iptables_restore,
         kube_proxy_rules, nginx, run_in, services_summary, wait_applied, write_services,
     },
     wait_for_line,
+};
+
+use meshlane_perf::{
+    halt_poll::HaltPoll,
+    workloads::{
+        CpuClock, Pin, cross_cpu_interrupts, iperf3, oha, sockperf_pingpong, sockperf_throughput,
+        wrk,
+    },
 };
 
 use crate::{

@@ -1,4 +1,5 @@
-//! The meshlane lab: a Kubernetes node on one machine, for tests, the demo and benchmarks.
+//! The meshlane lab: a Kubernetes node on one machine, for tests, the demo and benchmarks. It
+//! knows pods, agents and the machine's hygiene; it knows nothing of benchmarks.
 //!
 //! A **node** is this kernel plus a private "node" network namespace holding a bridge. A **pod**
 //! is a network namespace joined to that bridge by a veth, plus a cgroup v2 directory below the
@@ -6,8 +7,12 @@
 //! own bpffs mount, and never sees the host namespace's sockets unless a test puts a process in
 //! the lab cgroup on purpose.
 //!
+//! The lab uses the agent as a user does: its binary and its API (`meshlane-api`), never its
+//! library.
+//!
 //! Everything the lab creates is named `mlab-<pid>x<n>…`; [`Lab`] removes it on drop, and
 //! [`Lab::new`] first removes what labs of dead processes left behind.
+#![deny(unsafe_code)]
 
 use std::{
     fs::File,
@@ -21,10 +26,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use meshlane::api::{Client, Request};
+use meshlane_api::{Client, Request};
 use serde_json::Value;
 
-pub mod bench;
 pub mod probe;
 pub mod svc;
 
@@ -86,9 +90,35 @@ fn ip(args: &[&str]) -> Result<Output> {
     run(Command::new("ip").args(args))
 }
 
-/// The cgroup v2 mount, as the agent finds it.
+/// The cgroup v2 mount (on hybrid hosts `/sys/fs/cgroup/unified`): the mount point of the first
+/// `cgroup2` line of `/proc/self/mountinfo`, as the agent finds it too.
 pub fn cgroup2_root() -> Result<PathBuf> {
-    Ok(meshlane::sys::cgroup2_mount()?)
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let line = text
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|r| r.starts_with("cgroup2 "))
+        })
+        .context("no cgroup2 mount in /proc/self/mountinfo")?;
+    let point = line
+        .split(' ')
+        .nth(4)
+        .context("a mountinfo line without a mount point")?;
+    // Mount points escape space as \040; the lab's never have one.
+    if point.contains('\\') {
+        bail!(
+            "the cgroup2 mount point {point:?} has escaped characters; the lab does not handle them"
+        );
+    }
+    Ok(point.into())
+}
+
+/// Whether `dir` is on a bpffs.
+fn is_bpffs(dir: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    nix::sys::statfs::statfs(dir).is_ok_and(|st| st.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Where the workspace's binaries are: next to the running test binary (target/<profile>/deps
@@ -154,12 +184,57 @@ fn collect_dirs(d: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// Where a lab records the value a knob had before the lab changed it.
+pub fn knob_record(lab_dir: &Path, knob: &str) -> PathBuf {
+    lab_dir
+        .join("knobs")
+        .join(knob.trim_start_matches('/').replace('/', "%"))
+}
+
+/// A kernel knob (a sysfs or procfs file) a lab run changed: put back when dropped and, should
+/// the run die first, by the next lab run's clean-up, from the record in the lab's directory.
+pub struct Knob {
+    path: PathBuf,
+    orig: String,
+    record: PathBuf,
+}
+
+impl Drop for Knob {
+    fn drop(&mut self) {
+        match std::fs::write(&self.path, &self.orig) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&self.record);
+            }
+            Err(e) => eprintln!(
+                "could not put {} back to {} ({e}); the next lab run retries",
+                self.path.display(),
+                self.orig
+            ),
+        }
+    }
+}
+
+/// Puts back every knob a dead run recorded in its lab directory.
+fn restore_knobs(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir.join("knobs")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let knob = format!("/{}", e.file_name().to_string_lossy().replace('%', "/"));
+        if let Ok(orig) = std::fs::read_to_string(e.path())
+            && std::fs::write(&knob, orig.trim()).is_ok()
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 fn remove_lab_dir(dir: &Path) {
-    bench::restore_halt_poll(dir);
+    restore_knobs(dir);
     // The agent's bpffs is mounted inside; unmount it (with everything pinned there) first.
     let bpffs = dir.join("bpffs");
-    if meshlane::sys::is_bpffs(&bpffs).unwrap_or(false) {
-        let _ = meshlane::dataplane::unpin_all(&bpffs);
+    if is_bpffs(&bpffs) {
+        let _ = meshlane_api::pins::unpin_all(&bpffs);
         let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
     }
     let _ = std::fs::remove_dir_all(dir);
@@ -226,6 +301,33 @@ impl Lab {
         ip(&["-n", &lab.node_ns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &lab.node_ns, "link", "set", "br0", "up"])?;
         Ok(lab)
+    }
+
+    /// Sets a kernel knob (a sysfs or procfs file) to `value` until the guard is dropped,
+    /// first recording its old value in the lab's directory.
+    pub fn set_knob(&self, knob: &str, value: &str) -> Result<Knob> {
+        let orig = std::fs::read_to_string(knob)
+            .with_context(|| format!("reading {knob}"))?
+            .trim()
+            .to_string();
+        let record = knob_record(&self.dir, knob);
+        if record.exists() {
+            bail!(
+                "{knob} is already changed by this lab ({})",
+                record.display()
+            );
+        }
+        if let Some(d) = record.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        std::fs::write(&record, &orig).with_context(|| format!("writing {}", record.display()))?;
+        let guard = Knob {
+            path: knob.into(),
+            orig,
+            record,
+        };
+        std::fs::write(knob, value).with_context(|| format!("writing {value} to {knob}"))?;
+        Ok(guard)
     }
 
     /// Adds a pod on the bridge with the next addresses (10.77.0.10+n, fd77::10+n).
@@ -381,7 +483,7 @@ impl Lab {
                 bail!("meshlane-agent exited ({st}) while starting:\n{log}");
             }
             if let Ok(mut c) = Client::connect(&agent.api, Duration::from_secs(5))
-                && c.call(&Request::Status).is_ok()
+                && c.call_json(&Request::Status).is_ok()
             {
                 return Ok(());
             }
@@ -422,9 +524,10 @@ impl Lab {
         Ok(Client::connect(&self.agent().api, Duration::from_secs(60))?)
     }
 
-    /// Calls the API, failing on a refusal.
+    /// Calls the API, failing on a refusal; the answer as the agent sent it (what `--json`
+    /// prints), so tests check the wire form users see.
     pub fn call(&self, req: &Request) -> Result<Value> {
-        Ok(self.client()?.call(req)?)
+        Ok(self.client()?.call_json(req)?)
     }
 
     /// Runs the `meshlane` CLI against this lab's agent.
@@ -446,7 +549,7 @@ impl Lab {
     pub fn enroll_with(
         &self,
         pod: &Pod,
-        sidecar: Option<meshlane::state::SidecarSpec>,
+        sidecar: Option<meshlane_api::types::SidecarSpec>,
     ) -> Result<Value> {
         self.call(&Request::PodAdd {
             netns: pod.netns_path.clone(),
@@ -543,7 +646,7 @@ impl Lab {
     pub fn teardown(&mut self) {
         if let Some(mut a) = self.agent.take() {
             if let Ok(mut c) = Client::connect(&a.api, Duration::from_secs(20)) {
-                let _ = c.call(&Request::Uninstall);
+                let _ = c.call_json(&Request::Uninstall);
             }
             let deadline = Instant::now() + Duration::from_secs(5);
             while a.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
@@ -569,6 +672,8 @@ impl Drop for Lab {
     }
 }
 
+// The one raw syscall site: a pre-exec hook that joins the cgroup and the netns.
+#[allow(unsafe_code)]
 fn in_cgroup_and_netns(
     program: impl AsRef<std::ffi::OsStr>,
     cgroup: &Path,

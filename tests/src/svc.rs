@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use meshlane::api::Request;
+use meshlane_api::Request;
 use serde_json::Value;
 
 use crate::{Lab, Pod, bin, spawn_piped, wait_for_line};

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use meshlane::api::Request;
+use meshlane_api::{ErrorKind, Request, types::SidecarSpec};
 use meshlane_lab::{Lab, Pod, bin, spawn_piped, wait_for_line};
 use serde_json::Value;
 
@@ -493,8 +493,8 @@ fn agent_restart_keeps_connections_and_acceleration() -> Result<()> {
             lab.counter("bytes_redirected")?,
             lab.counter("bytes_passed")?,
         );
-        // 200 connections streaming 2 MiB each in 16 KiB chunks every 40 ms (~5 s each); the
-        // agent is stopped and restarted in the middle.
+        // 200 connections streaming 2 MiB each in 16 KiB chunks every 150 ms (~19 s each): long
+        // enough to outlast the agent's restart (self-test included) on a loaded machine.
         let srv = serve(&lab, Some(&b), &addr(b.ip, 7500), &["--conns", "200"])?;
         let mut client = lab.cmd(&a, probe())?;
         client.args([
@@ -511,24 +511,37 @@ fn agent_restart_keeps_connections_and_acceleration() -> Result<()> {
             "--chunk",
             "16384",
             "--pace-ms",
-            "40",
+            "150",
         ]);
         let mut client = spawn_piped(&mut client)?;
-        std::thread::sleep(Duration::from_millis(1000));
-        let sockets = lab.call(&Request::Status)?["sockhash_sockets"]
-            .as_u64()
-            .unwrap_or(0);
-        assert!(
-            sockets >= 400,
-            "{how}: only {sockets} sockets accelerated before the restart"
-        );
+        // Both ends of all 200 connections in the SOCKHASH before the agent goes away.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let sockets = lab.call(&Request::Status)?["sockhash_sockets"]
+                .as_u64()
+                .unwrap_or(0);
+            if sockets >= 400 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline && client.try_wait()?.is_none(),
+                "{how}: only {sockets} sockets accelerated before the restart"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if how == "SIGKILL" {
             lab.kill_agent()?;
         } else {
             lab.stop_agent()?;
         }
+        // The agent stays away for a moment: connections must not notice either way.
         std::thread::sleep(Duration::from_millis(300));
+        let restart = Instant::now();
         lab.restart_agent(&[])?;
+        eprintln!(
+            "{how}: the agent was back (self-test passed, API up) after {:?}",
+            restart.elapsed()
+        );
         assert!(
             client.try_wait()?.is_none(),
             "{how}: the transfers ended before the agent was back; the test proves nothing"
@@ -698,38 +711,53 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() -> Result<()> {
     assert_eq!(before.2, 2, "pod a's IPv4 and IPv6 endpoints expected");
 
     let netns_b = b.netns_path.display().to_string();
-    let cases: Vec<(String, &str)> = vec![
-        ("this is not json".into(), "malformed request"),
-        (r#"{"op":"pod_launch"}"#.into(), "unknown variant"),
+    let cases: Vec<(String, &str, ErrorKind)> = vec![
+        (
+            "this is not json".into(),
+            "malformed request",
+            ErrorKind::InvalidInput,
+        ),
+        (
+            r#"{"op":"pod_launch"}"#.into(),
+            "unknown variant",
+            ErrorKind::InvalidInput,
+        ),
         (
             r#"{"op":"pod_add","netns":"/run/netns/does-not-exist","ips":["10.77.0.50"]}"#.into(),
             "does-not-exist",
+            ErrorKind::InvalidInput,
         ),
         (
             r#"{"op":"pod_add","netns":"relative/path","ips":["10.77.0.50"]}"#.into(),
             "absolute",
+            ErrorKind::InvalidInput,
         ),
         (
             r#"{"op":"pod_add","netns":"/etc/hostname","ips":["10.77.0.50"]}"#.into(),
             "not a namespace",
+            ErrorKind::InvalidInput,
         ),
         (
             r#"{"op":"pod_add","netns":"/proc/self/ns/net","ips":["10.77.0.50"]}"#.into(),
             "host",
+            ErrorKind::InvalidInput,
         ),
         (
             format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":[]}}"#),
             "at least one",
+            ErrorKind::InvalidInput,
         ),
         (
             format!(r#"{{"op":"pod_add","netns":"{netns_b}","ips":["127.0.0.1"]}}"#),
             "not a unicast",
+            ErrorKind::InvalidInput,
         ),
         (
             format!(
                 r#"{{"op":"pod_add","netns":"{netns_b}","ips":["10.77.0.50"],"name":"Bad Name"}}"#
             ),
             "NAMESPACE/NAME",
+            ErrorKind::InvalidInput,
         ),
         (
             format!(
@@ -737,6 +765,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() -> Result<()> {
                 a.ip
             ),
             "already belongs",
+            ErrorKind::Conflict,
         ),
         (
             format!(
@@ -744,37 +773,52 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() -> Result<()> {
                 a.netns_path.display()
             ),
             "already enrolled",
+            ErrorKind::Conflict,
         ),
         (
             format!(
                 r#"{{"op":"pod_add","netns":"{netns_b}","ips":["10.77.0.50"],"name":"lab/a"}}"#
             ),
             "already enrolled",
+            ErrorKind::Conflict,
         ),
         (
             r#"{"op":"pod_del","name":"lab/nobody"}"#.into(),
             "no enrolled pod",
+            ErrorKind::NotFound,
         ),
         (
             r#"{"op":"pod_del","netns":"/run/netns/x","name":"lab/a"}"#.into(),
             "exactly one",
+            ErrorKind::InvalidInput,
         ),
-        (r#"{"op":"pod_del"}"#.into(), "exactly one"),
+        (
+            r#"{"op":"pod_del"}"#.into(),
+            "exactly one",
+            ErrorKind::InvalidInput,
+        ),
     ];
-    for (line, want) in &cases {
+    for (line, want, kind) in &cases {
         let resp = lab.client()?.call_raw(line)?;
         assert!(!resp.ok, "{line} was accepted");
-        let err = resp.error.unwrap_or_default();
+        let err = resp
+            .error
+            .with_context(|| format!("{line}: refused without an error"))?;
         assert!(
-            err.contains(want),
+            err.message.contains(want),
             "{line}: error {err:?} does not mention {want:?}"
         );
+        assert_eq!(err.kind, *kind, "{line}: {err:?}");
         assert_eq!(snapshot(&lab)?, before, "{line} changed the state");
     }
     // A line past the size limit is refused without being parsed.
     let huge = format!(r#"{{"op":"status","pad":"{}"}}"#, "x".repeat(100_000));
     let resp = lab.client()?.call_raw(&huge)?;
-    assert!(!resp.ok && resp.error.unwrap_or_default().contains("limit"));
+    let err = resp
+        .error
+        .context("an oversized request refused without an error")?;
+    assert!(!resp.ok && err.message.contains("limit"), "{err:?}");
+    assert_eq!(err.kind, ErrorKind::InvalidInput);
     assert_eq!(snapshot(&lab)?, before);
 
     // The CLI reports the agent's error and exits non-zero.
@@ -790,6 +834,144 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() -> Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/run/netns/nope"), "CLI said: {err}");
     assert_eq!(snapshot(&lab)?, before);
+    Ok(())
+}
+
+/// Every operation through the typed client (typed request → agent → typed answer), and every
+/// refusal kind, each provoked the way a caller would meet it.
+#[test]
+fn api_round_trip_per_operation_with_every_refusal_kind() -> Result<()> {
+    let mut lab = lab(&["a", "b", "c"], false, &[])?;
+    let (a, b, c) = (
+        lab.pod("a").clone(),
+        lab.pod("b").clone(),
+        lab.pod("c").clone(),
+    );
+    let mut api = lab.client()?;
+
+    let st = api.status()?;
+    assert!(
+        st.selftest.passed && st.accelerate && st.accel_wanted,
+        "{st:?}"
+    );
+    assert_eq!((st.pods, st.sidecar_pods), (0, 0));
+    assert!(st.counters.contains_key("msg_redirected"), "{st:?}");
+
+    let add = |api: &mut meshlane_api::Client, p: &Pod, sc: Option<SidecarSpec>| {
+        api.pod_add(
+            p.netns_path.clone(),
+            vec![p.ip.into(), p.ip6.into()],
+            Some(format!("lab/{}", p.name)),
+            sc,
+        )
+    };
+    let pa = add(&mut api, &a, None)?;
+    let pb = add(&mut api, &b, None)?;
+    let pc = add(&mut api, &c, Some(SidecarSpec::default()))?;
+    assert_eq!(pa.name.as_deref(), Some("lab/a"));
+    assert_eq!(pa.ips, vec![std::net::IpAddr::from(a.ip), a.ip6.into()]);
+    assert_eq!(pa.netns, a.netns_path);
+    assert!(pa.sidecar.is_none() && pc.sidecar == Some(SidecarSpec::default()));
+    assert!(pa.id != pb.id && pb.id != pc.id, "{pa:?} {pb:?} {pc:?}");
+    assert_eq!(api.pod_list()?, vec![pa.clone(), pb.clone(), pc.clone()]);
+    assert_eq!(api.status()?.sidecar_pods, 1);
+
+    // Sockets: a paced stream a → b shows up with both ends named by their pods.
+    let srv = serve(&lab, Some(&b), &addr(b.ip, 7700), &[])?;
+    let mut client = lab.cmd(&a, probe())?;
+    client.args(["send", "--to", &srv.addr.to_string()]);
+    client.args([
+        "--bytes",
+        &(2 * MIB).to_string(),
+        "--chunk",
+        "16384",
+        "--pace-ms",
+        "40",
+    ]);
+    let client = spawn_piped(&mut client)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (sender, receiver) = loop {
+        let socks = api.sockets()?;
+        let sender = socks
+            .iter()
+            .find(|s| s.pod.as_deref() == Some("lab/a") && s.remote == srv.addr)
+            .cloned();
+        let receiver = socks
+            .iter()
+            .find(|s| s.pod.as_deref() == Some("lab/b") && s.local == srv.addr)
+            .cloned();
+        if let (Some(s), Some(r)) = (&sender, &receiver)
+            && s.redirected_bytes > 0
+        {
+            break (s.clone(), r.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream never showed in sockets: {socks:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(sender.local, receiver.remote, "{sender:?} {receiver:?}");
+    assert_eq!(sender.stack_bytes, 0, "{sender:?}");
+    let out = client.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(srv.finish(Duration::from_secs(30))?["bytes"], 2 * MIB);
+
+    let svc = api.services()?;
+    assert_eq!((svc.summary.file.as_ref(), svc.summary.services), (None, 0));
+    assert!(svc.services.is_empty());
+
+    assert!(!api.accel(false)?.accelerate);
+    assert!(!api.status()?.accelerate);
+    assert!(api.accel(true)?.accelerate);
+
+    // Refusals, one per kind.
+    let kind = |r: Result<meshlane_api::types::Pod, meshlane_api::ClientError>| {
+        r.err().and_then(|e| e.refusal_kind())
+    };
+    let relative = api.pod_add("relative".into(), vec![c.ip.into()], None, None);
+    assert_eq!(kind(relative), Some(ErrorKind::InvalidInput));
+    assert_eq!(
+        kind(api.pod_del(None, Some("lab/nobody".into()))),
+        Some(ErrorKind::NotFound)
+    );
+    assert_eq!(kind(add(&mut api, &b, None)), Some(ErrorKind::Conflict));
+    // The state file cannot be written (its temporary path is a directory): the agent fails,
+    // says where, and changes nothing.
+    let tmp = lab.agent().state.with_extension("json.tmp");
+    std::fs::create_dir(&tmp)?;
+    let del = api.pod_del(Some(a.netns_path.clone()), None);
+    std::fs::remove_dir(&tmp)?;
+    let err = del
+        .err()
+        .context("pod del succeeded with an unwritable state file")?;
+    assert_eq!(err.refusal_kind(), Some(ErrorKind::Internal), "{err}");
+    assert!(err.to_string().contains("json.tmp"), "{err}");
+    assert_eq!(api.pod_list()?.len(), 3);
+
+    assert_eq!(api.pod_del(Some(a.netns_path.clone()), None)?, pa);
+    assert_eq!(api.pod_list()?, vec![pb, pc]);
+
+    // Without a passed self-test, acceleration cannot be switched on: unavailable.
+    lab.stop_agent()?;
+    lab.restart_agent(&["--no-selftest"])?;
+    let mut api = lab.client()?;
+    let err = api
+        .accel(true)
+        .err()
+        .context("accel on without a self-test")?;
+    assert_eq!(err.refusal_kind(), Some(ErrorKind::Unavailable), "{err}");
+    assert!(!api.status()?.accelerate);
+
+    let gone = api.uninstall()?;
+    assert!(
+        gone.unpinned.iter().any(|p| p.ends_with("ML_SOCKS")),
+        "{gone:?}"
+    );
     Ok(())
 }
 

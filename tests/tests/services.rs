@@ -8,7 +8,7 @@
 use std::{collections::BTreeSet, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
-use meshlane::api::Request;
+use meshlane_api::Request;
 use meshlane_lab::{
     Lab, bin,
     svc::{

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use meshlane::{api::Request, state::SidecarSpec};
+use meshlane_api::{Request, types::SidecarSpec};
 use meshlane_lab::{
     Lab, bin,
     svc::{

@@ -17,8 +17,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use meshlane::selftest::read_retrying;
 use meshlane_lab::probe::{Verdict, fill, first_mismatch};
+use meshlane_sockcheck::read_retrying;
 
 /// How long any single read may wait.
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
@@ -391,7 +391,7 @@ fn checks(args: &[String]) -> Result<()> {
     .map_err(|_| anyhow::anyhow!("listener thread panicked"))??;
     let mut client = TcpStream::connect(listener.local_addr()?)?;
     let (mut server, _) = listener.accept()?;
-    let mut checks = meshlane::selftest::socket_checks(&mut client, &mut server)?;
+    let mut checks = meshlane_sockcheck::socket_checks(&mut client, &mut server)?;
 
     // poll(2): the server must become readable within 100 ms of a write.
     let mut w = client.try_clone()?;
@@ -413,7 +413,7 @@ fn checks(args: &[String]) -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     let waited = woke.saturating_duration_since(t);
-    checks.push(meshlane::selftest::Check {
+    checks.push(meshlane_sockcheck::Check {
         name: "poll_wakeup".into(),
         ok: n == 1 && waited < Duration::from_millis(100),
         detail: format!("poll returned {n} after {} µs", waited.as_micros()),

@@ -1,15 +1,16 @@
-//! `meshlane`: the command-line client of the agent's local API.
+//! `meshlane`: the command-line client of the agent's local API. It depends on the API crate
+//! only, never on the agent or aya, so it builds without the eBPF toolchain. `--json` prints the
+//! agent's answer as it came; the tables read the typed answers.
+#![deny(unsafe_code)]
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use meshlane::{
-    api::{Client, Request},
-    defaults, services,
-    state::SidecarSpec,
+use meshlane_api::{
+    Client, Request, defaults, pins, services,
+    types::{Pod, ServiceView, ServicesSummary, SidecarSpec, Status},
 };
-use serde_json::Value;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Control the meshlane node agent")]
@@ -142,6 +143,12 @@ fn main() {
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let connect = || Client::connect(&args.api_socket, Duration::from_secs(60));
+    // `--json`: the answer as the agent sent it.
+    let print_json = |req: &Request| -> anyhow::Result<()> {
+        let v = connect()?.call_json(req)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        Ok(())
+    };
     match args.cmd {
         Cmd::Pod { cmd } => match cmd {
             PodCmd::Add {
@@ -150,56 +157,35 @@ fn run() -> anyhow::Result<()> {
                 name,
                 sidecar,
             } => {
-                let v = connect()?.call(&Request::PodAdd {
-                    netns,
-                    ips,
-                    name,
-                    sidecar: sidecar.spec(),
-                })?;
-                println!("enrolled pod {}", v["id"]);
+                let p = connect()?.pod_add(netns, ips, name, sidecar.spec())?;
+                println!("enrolled pod {}", p.id);
             }
             PodCmd::Del { netns, name } => {
-                let v = connect()?.call(&Request::PodDel { netns, name })?;
-                println!("removed pod {}", v["id"]);
+                let p = connect()?.pod_del(netns, name)?;
+                println!("removed pod {}", p.id);
             }
-            PodCmd::List { json } => {
-                let v = connect()?.call(&Request::PodList)?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                } else {
-                    print_pods(&v);
-                }
-            }
+            PodCmd::List { json: true } => print_json(&Request::PodList)?,
+            PodCmd::List { json: false } => print_pods(&connect()?.pod_list()?),
         },
-        Cmd::Sockets { json } => {
-            let v = connect()?.call(&Request::Sockets)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
+        Cmd::Sockets { json: true } => print_json(&Request::Sockets)?,
+        Cmd::Sockets { json: false } => {
+            println!(
+                "{:<24} {:<44} {:<44} {:>14} {:>12}",
+                "POD", "LOCAL", "REMOTE", "REDIRECTED_B", "STACK_B"
+            );
+            for s in connect()?.sockets()? {
                 println!(
                     "{:<24} {:<44} {:<44} {:>14} {:>12}",
-                    "POD", "LOCAL", "REMOTE", "REDIRECTED_B", "STACK_B"
+                    s.pod.as_deref().unwrap_or("-"),
+                    s.local.to_string(),
+                    s.remote.to_string(),
+                    s.redirected_bytes,
+                    s.stack_bytes
                 );
-                for s in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<24} {:<44} {:<44} {:>14} {:>12}",
-                        s["pod"].as_str().unwrap_or("-"),
-                        s["local"].as_str().unwrap_or("?"),
-                        s["remote"].as_str().unwrap_or("?"),
-                        s["redirected_bytes"],
-                        s["stack_bytes"]
-                    );
-                }
             }
         }
-        Cmd::Status { json } => {
-            let v = connect()?.call(&Request::Status)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_status(&v);
-            }
-        }
+        Cmd::Status { json: true } => print_json(&Request::Status)?,
+        Cmd::Status { json: false } => print_status(&connect()?.status()?),
         Cmd::Services {
             cmd: Some(ServicesCmd::Check { file }),
             json,
@@ -216,34 +202,36 @@ fn run() -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Services { cmd: None, json } => {
-            let v = connect()?.call(&Request::Services)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_services_summary(&v["summary"]);
-                print_services(&v["services"]);
-            }
+        Cmd::Services {
+            cmd: None,
+            json: true,
+        } => print_json(&Request::Services)?,
+        Cmd::Services {
+            cmd: None,
+            json: false,
+        } => {
+            let s = connect()?.services()?;
+            print_services_summary(&s.summary);
+            print_services(&s.services);
         }
         Cmd::Accel { state } => {
-            let v = connect()?.call(&Request::Accel { on: state == "on" })?;
-            println!(
-                "acceleration {}",
-                if v["accelerate"] == true { "on" } else { "off" }
-            );
+            let a = connect()?.accel(state == "on")?;
+            println!("acceleration {}", if a.accelerate { "on" } else { "off" });
         }
         Cmd::Uninstall { bpffs } => match connect() {
             Ok(mut c) => {
-                let v = c.call(&Request::Uninstall)?;
-                let n = v["unpinned"].as_array().map_or(0, Vec::len);
-                println!("uninstalled: {n} pins removed, agent stopping");
+                let u = c.uninstall()?;
+                println!(
+                    "uninstalled: {} pins removed, agent stopping",
+                    u.unpinned.len()
+                );
             }
             Err(e) => {
                 eprintln!(
                     "meshlane: {e}; removing pins under {} directly",
                     bpffs.display()
                 );
-                let removed = meshlane::dataplane::unpin_all(&bpffs)
+                let removed = pins::unpin_all(&bpffs)
                     .with_context(|| format!("unpinning under {}", bpffs.display()))?;
                 println!("uninstalled: {} pins removed", removed.len());
             }
@@ -252,79 +240,65 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_pods(v: &Value) {
+fn onoff(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+fn print_pods(pods: &[Pod]) {
     println!("{:<4} {:<32} {:<36} IPS", "ID", "NAME", "NETNS");
-    for p in v.as_array().into_iter().flatten() {
-        let ips: Vec<&str> = p["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+    for p in pods {
+        let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
         println!(
             "{:<4} {:<32} {:<36} {}",
-            p["id"],
-            p["name"].as_str().unwrap_or("-"),
-            p["netns"].as_str().unwrap_or("?"),
+            p.id,
+            p.name.as_deref().unwrap_or("-"),
+            p.netns.display().to_string(),
             ips.join(",")
         );
     }
 }
 
-fn print_status(v: &Value) {
-    let onoff = |b: &Value| if b == true { "on" } else { "off" };
-    println!(
-        "meshlane agent {} (abi v{})",
-        v["version"].as_str().unwrap_or("?"),
-        v["abi"]
-    );
-    println!("cgroup:        {}", v["cgroup"].as_str().unwrap_or("?"));
-    println!("bpffs:         {}", v["bpffs"].as_str().unwrap_or("?"));
+fn print_status(v: &Status) {
+    println!("meshlane agent {} (abi v{})", v.version, v.abi);
+    println!("cgroup:        {}", v.cgroup.display());
+    println!("bpffs:         {}", v.bpffs.display());
     println!(
         "acceleration:  {} (wanted {}, self-test {})",
-        onoff(&v["accelerate"]),
-        onoff(&v["accel_wanted"]),
-        if v["selftest"]["passed"] == true {
+        onoff(v.accelerate),
+        onoff(v.accel_wanted),
+        if v.selftest.passed {
             "passed"
         } else {
             "FAILED"
         }
     );
-    println!(
-        "self-test:     {}",
-        v["selftest"]["detail"].as_str().unwrap_or("")
-    );
-    println!("pods:          {}", v["pods"]);
-    println!("sockets:       {} in the SOCKHASH", v["sockhash_sockets"]);
+    println!("self-test:     {}", v.selftest.detail);
+    println!("pods:          {}", v.pods);
+    println!("sockets:       {} in the SOCKHASH", v.sockhash_sockets);
     println!("programs:");
-    for p in v["programs"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<16} id {:<6} {}",
-            p["name"].as_str().unwrap_or("?"),
-            p["id"],
-            p["attach"].as_str().unwrap_or("")
-        );
+    for p in &v.programs {
+        println!("  {:<16} id {:<6} {}", p.name, p.id, p.attach);
     }
-    println!("sidecar pods:  {}", v["sidecar_pods"]);
-    print_services_summary(&v["services"]);
-    print_services(&v["service_table"]);
+    println!("sidecar pods:  {}", v.sidecar_pods);
+    print_services_summary(&v.services);
+    print_services(&v.service_table);
     println!("counters:");
-    if let Some(m) = v["counters"].as_object() {
-        for (k, n) in m {
-            println!("  {k:<28} {n}");
-        }
+    for (k, n) in &v.counters {
+        println!("  {k:<28} {n}");
     }
 }
 
-fn print_services_summary(s: &Value) {
+fn print_services_summary(s: &ServicesSummary) {
     println!(
         "services:      {} services, {} backends, from {} ({} loads)",
-        s["services"],
-        s["backends"],
-        s["file"].as_str().unwrap_or("no file"),
-        s["loads"]
+        s.services,
+        s.backends,
+        s.file
+            .as_ref()
+            .map_or_else(|| "no file".to_string(), |f| f.display().to_string()),
+        s.loads
     );
-    if let Some(e) = s["last_error"].as_str() {
+    if let Some(e) = &s.last_error {
         println!("  last error (previous table in force):");
         for l in e.lines() {
             println!("    {l}");
@@ -332,8 +306,7 @@ fn print_services_summary(s: &Value) {
     }
 }
 
-fn print_services(v: &Value) {
-    let list = v.as_array().map(Vec::as_slice).unwrap_or_default();
+fn print_services(list: &[ServiceView]) {
     if list.is_empty() {
         return;
     }
@@ -342,20 +315,16 @@ fn print_services(v: &Value) {
         "NAME", "FRONTEND", "BALANCE", "CONNECTS", "DGRAMS", "REFUSED"
     );
     for s in list {
-        let backends: Vec<&str> = s["backends"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let backends: Vec<String> = s.backends.iter().map(ToString::to_string).collect();
+        let balance = s.balance.map_or_else(|| "-".to_string(), |b| b.to_string());
         println!(
             "  {:<24} {:<28} {:<14} {:>9} {:>9} {:>8}  {}",
-            s["name"].as_str().unwrap_or("(adopted)"),
-            s["frontend"].as_str().unwrap_or("?"),
-            s["balance"].as_str().unwrap_or("-"),
-            s["connects"],
-            s["datagrams"],
-            s["refused"],
+            s.name.as_deref().unwrap_or("(adopted)"),
+            s.frontend,
+            balance,
+            s.connects,
+            s.datagrams,
+            s.refused,
             if backends.is_empty() {
                 "(none: connects refused)".to_string()
             } else {

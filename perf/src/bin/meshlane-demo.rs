@@ -11,16 +11,15 @@
 use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
-use meshlane::state::SidecarSpec;
+use meshlane_api::types::SidecarSpec;
 use meshlane_lab::{
-    Lab, Pod,
-    bench::{Latency, Pin, iperf3, median, sockperf_pingpong},
-    bin,
+    Lab, Pod, bin,
     svc::{
         Proc, flush_iptables, haproxy_sidecar, install_istio_iptables, iptables_restore,
         kube_proxy_rules,
     },
 };
+use meshlane_perf::workloads::{Latency, Pin, iperf3, median, sockperf_pingpong};
 
 /// Services in the connection-rate comparison, and the one measured (kube-proxy's chain is
 /// walked in order, so the middle one is the typical case).
@@ -59,7 +58,7 @@ fn run() -> Result<()> {
     }
     std::fs::write(&services, text)?;
     lab.start_agent(&["--services", &services.display().to_string()])?;
-    let st = lab.call(&meshlane::api::Request::Status)?;
+    let st = lab.call(&meshlane_api::Request::Status)?;
     println!(
         "agent attached to {} (self-test: {})",
         lab.cgroup.display(),

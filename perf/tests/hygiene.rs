@@ -1,16 +1,13 @@
 //! The lab's own hygiene: what a benchmark run changes on the machine is put back, by the run
 //! and, should it die, by the next lab run.
 //!
-//! Run as root: `cargo test -p meshlane-lab -- --test-threads=1`.
+//! Run as root: `cargo test -p meshlane-perf -- --test-threads=1`.
 
 use std::process::Command;
 
 use anyhow::{Context as _, Result};
-use meshlane_lab::{
-    Lab,
-    bench::{HALT_POLL_RECORD, HaltPoll},
-    cleanup_stale,
-};
+use meshlane_lab::{Lab, cleanup_stale};
+use meshlane_perf::halt_poll::HaltPoll;
 
 const KNOB: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
 
@@ -23,7 +20,7 @@ fn halt_polling_is_put_back_by_the_run_and_after_a_crash() -> Result<()> {
             .err()
             .context("halt-polling was set on a machine without the haltpoll governor")?;
         assert!(format!("{err:#}").contains("haltpoll"), "{err:#}");
-        assert!(!lab.dir.join(HALT_POLL_RECORD).exists());
+        assert!(!HaltPoll::record(&lab.dir).exists());
         return Ok(());
     };
     let other = if orig == 123_000 { 124_000 } else { 123_000 };
@@ -32,11 +29,11 @@ fn halt_polling_is_put_back_by_the_run_and_after_a_crash() -> Result<()> {
     {
         let _poll = HaltPoll::set(&lab, other)?;
         assert_eq!(HaltPoll::current(), Some(other));
-        assert!(lab.dir.join(HALT_POLL_RECORD).exists());
+        assert!(HaltPoll::record(&lab.dir).exists());
         assert!(HaltPoll::set(&lab, other).is_err());
     }
     assert_eq!(HaltPoll::current(), Some(orig));
-    assert!(!lab.dir.join(HALT_POLL_RECORD).exists());
+    assert!(!HaltPoll::record(&lab.dir).exists());
 
     // A run that died with the window changed: its lab directory holds the record, and the
     // next lab run's clean-up puts the value back.
@@ -44,8 +41,9 @@ fn halt_polling_is_put_back_by_the_run_and_after_a_crash() -> Result<()> {
     let dead = gone.id();
     gone.wait()?;
     let dir = std::env::temp_dir().join(format!("mlab-{dead}x0"));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join(HALT_POLL_RECORD), orig.to_string())?;
+    let record = HaltPoll::record(&dir);
+    std::fs::create_dir_all(record.parent().context("the record is in a directory")?)?;
+    std::fs::write(&record, orig.to_string())?;
     std::fs::write(KNOB, other.to_string())?;
     cleanup_stale();
     let now = HaltPoll::current();

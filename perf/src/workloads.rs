@@ -12,89 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::{Lab, Pod, spawn_piped, wait_for_line};
-
-/// The guest's halt-polling window: how long (ns) the cpuidle `haltpoll` governor lets an idle
-/// vCPU poll before it halts. Halting hands the vCPU back to the hypervisor, and waking it again
-/// costs tens of µs; the kernel's default window is 200 µs, some hosts boot their guests with 0.
-const HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
-const CPUIDLE_GOVERNOR: [&str; 2] = [
-    "/sys/devices/system/cpu/cpuidle/current_governor",
-    "/sys/devices/system/cpu/cpuidle/current_governor_ro",
-];
-/// In a lab's directory while its run has the window changed: the value to put back, also by
-/// the next run if this one dies first.
-pub const HALT_POLL_RECORD: &str = "halt-poll-ns.orig";
-
-/// The machine's halt-polling window changed for a measurement, put back when dropped.
-pub struct HaltPoll {
-    orig: u64,
-    record: std::path::PathBuf,
-}
-
-impl HaltPoll {
-    /// The current window, if this machine is a guest whose idle vCPUs the `haltpoll`
-    /// governor runs (elsewhere the knob does not exist or does nothing).
-    pub fn current() -> Option<u64> {
-        let governor = CPUIDLE_GOVERNOR
-            .iter()
-            .find_map(|p| std::fs::read_to_string(p).ok())?;
-        if governor.trim() != "haltpoll" {
-            return None;
-        }
-        std::fs::read_to_string(HALT_POLL_NS)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    /// Sets the window to `ns` until the guard is dropped, first recording the old value in
-    /// the lab's directory.
-    pub fn set(lab: &Lab, ns: u64) -> Result<HaltPoll> {
-        let orig = HaltPoll::current()
-            .context("no cpuidle haltpoll governor on this machine: halt-polling cannot be set")?;
-        let record = lab.dir.join(HALT_POLL_RECORD);
-        if record.exists() {
-            bail!(
-                "halt-polling is already changed by this lab ({})",
-                record.display()
-            );
-        }
-        std::fs::write(&record, orig.to_string())
-            .with_context(|| format!("writing {}", record.display()))?;
-        let guard = HaltPoll { orig, record };
-        std::fs::write(HALT_POLL_NS, ns.to_string())
-            .with_context(|| format!("writing {ns} to {HALT_POLL_NS}"))?;
-        Ok(guard)
-    }
-}
-
-impl Drop for HaltPoll {
-    fn drop(&mut self) {
-        match std::fs::write(HALT_POLL_NS, self.orig.to_string()) {
-            Ok(()) => {
-                let _ = std::fs::remove_file(&self.record);
-            }
-            Err(e) => eprintln!(
-                "could not put {HALT_POLL_NS} back to {} ({e}); the next lab run retries",
-                self.orig
-            ),
-        }
-    }
-}
-
-/// Puts back the halt-polling window a dead run recorded in `dir`, if it did.
-pub(crate) fn restore_halt_poll(dir: &std::path::Path) {
-    let record = dir.join(HALT_POLL_RECORD);
-    if let Some(orig) = std::fs::read_to_string(&record)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        && std::fs::write(HALT_POLL_NS, orig.to_string()).is_ok()
-    {
-        let _ = std::fs::remove_file(&record);
-    }
-}
+use meshlane_lab::{Lab, Pod, spawn_piped, wait_for_line};
 
 /// Round-trip latency percentiles in microseconds, and how many round trips were observed.
 #[derive(Clone, Copy, Debug, Default)]
@@ -412,7 +330,7 @@ pub fn wrk(
     c.args(["-t1", "--latency", "-c", &conns.to_string()])
         .args(["-d", &format!("{secs}s"), url]);
     pin(&mut c, cpu);
-    let out = crate::run(&mut c)?;
+    let out = meshlane_lab::run(&mut c)?;
     let text = String::from_utf8_lossy(&out.stdout);
     parse_wrk(&text).with_context(|| format!("wrk output: {text}"))
 }

@@ -1,0 +1,328 @@
+//! The typed answers of the agent API and the inputs requests carry, with their validators.
+//! Validators live here so a caller (the CLI, the CNI plugin) can check input before it reaches
+//! the agent; the agent runs the same checks again, because it trusts no caller.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::services::Balance;
+
+/// An enrolled pod.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pod {
+    /// A small id the agent assigns (counters, logs, `pod-<id>` when unnamed).
+    pub id: u32,
+    /// NAMESPACE/NAME.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+    pub ips: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarSpec>,
+}
+
+impl Pod {
+    /// How the pod is shown in tables: its name, or `pod-<id>` when it has none.
+    pub fn label(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("pod-{}", self.id))
+    }
+}
+
+/// How a sidecar pod's traffic is captured. The defaults are Istio's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarSpec {
+    /// The proxy's outbound listener, where the application's connects are sent.
+    #[serde(default = "default_outbound_port")]
+    pub outbound_port: u16,
+    /// The proxy's inbound listener, where connects from other pods of the node are sent.
+    #[serde(default = "default_inbound_port")]
+    pub inbound_port: u16,
+    /// The proxy's uid: its own connects are never captured.
+    #[serde(default = "default_proxy_uid")]
+    pub proxy_uid: u32,
+    /// Destination ports the application reaches directly.
+    #[serde(default)]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Pod ports other pods reach directly.
+    #[serde(default)]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Destinations the application reaches directly.
+    #[serde(default)]
+    pub exclude_cidrs: Vec<ipnet::IpNet>,
+}
+
+fn default_outbound_port() -> u16 {
+    15001
+}
+fn default_inbound_port() -> u16 {
+    15006
+}
+fn default_proxy_uid() -> u32 {
+    1337
+}
+
+impl Default for SidecarSpec {
+    fn default() -> Self {
+        SidecarSpec {
+            outbound_port: default_outbound_port(),
+            inbound_port: default_inbound_port(),
+            proxy_uid: default_proxy_uid(),
+            exclude_outbound_ports: Vec::new(),
+            exclude_inbound_ports: Vec::new(),
+            exclude_cidrs: Vec::new(),
+        }
+    }
+}
+
+impl SidecarSpec {
+    /// Checks every field; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        use dataplane_common::{SIDECAR_MAX_CIDRS, SIDECAR_MAX_PORTS};
+        for (field, port) in [
+            ("outbound_port", self.outbound_port),
+            ("inbound_port", self.inbound_port),
+        ] {
+            if port == 0 {
+                return Err(format!("sidecar.{field} must be 1-65535, not 0"));
+            }
+        }
+        if self.outbound_port == self.inbound_port {
+            return Err(format!(
+                "sidecar.outbound_port and sidecar.inbound_port are both {}; they must differ",
+                self.outbound_port
+            ));
+        }
+        if self.proxy_uid == 0 {
+            return Err(
+                "sidecar.proxy_uid must not be 0: root's connects would never be captured".into(),
+            );
+        }
+        for (field, ports) in [
+            ("exclude_outbound_ports", &self.exclude_outbound_ports),
+            ("exclude_inbound_ports", &self.exclude_inbound_ports),
+        ] {
+            if ports.len() > SIDECAR_MAX_PORTS {
+                return Err(format!(
+                    "sidecar.{field} has {} ports; at most {SIDECAR_MAX_PORTS} are supported",
+                    ports.len()
+                ));
+            }
+            if let Some(i) = ports.iter().position(|&p| p == 0) {
+                return Err(format!("sidecar.{field}[{i}] is 0; ports are 1-65535"));
+            }
+        }
+        if self.exclude_cidrs.len() > SIDECAR_MAX_CIDRS {
+            return Err(format!(
+                "sidecar.exclude_cidrs has {} entries; at most {SIDECAR_MAX_CIDRS} are supported",
+                self.exclude_cidrs.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `NAMESPACE/NAME` with Kubernetes' DNS-label rules for each half.
+pub fn validate_pod_name(name: &str) -> Result<(), String> {
+    let Some((ns, n)) = name.split_once('/') else {
+        return Err(format!("pod name {name:?} must be NAMESPACE/NAME"));
+    };
+    for (what, part, max) in [("namespace", ns, 63), ("name", n, 253)] {
+        let ok = !part.is_empty()
+            && part.len() <= max
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && part.as_bytes()[0].is_ascii_alphanumeric()
+            && part.as_bytes()[part.len() - 1].is_ascii_alphanumeric();
+        if !ok {
+            return Err(format!(
+                "pod {what} {part:?} in {name:?} must be 1-{max} lowercase letters, digits, '-' or '.', \
+                 starting and ending with a letter or digit"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A pod IP must be a unicast address a socket can use.
+pub fn validate_pod_ip(ip: &IpAddr) -> Result<(), String> {
+    let bad = match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback() || v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified() || v6.is_multicast(),
+    };
+    if bad {
+        Err(format!(
+            "pod IP {ip} is not a unicast pod address (loopback, unspecified, multicast and broadcast are refused)"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A socket in the fast path, as `meshlane sockets` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketInfo {
+    /// NAMESPACE/NAME of the pod, or `pod-<id>` when it was enrolled without a name; none for a
+    /// socket of a namespace no pod owns any more.
+    pub pod: Option<String>,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub redirected_bytes: u64,
+    pub stack_bytes: u64,
+}
+
+/// A kernel program as `meshlane status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedProgram {
+    pub name: String,
+    pub id: u32,
+    pub attach: String,
+    pub pinned_link: Option<PathBuf>,
+}
+
+/// One check of the start-up self-test.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The start-up self-test's outcome: redirect is switched on only if it passed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfTestReport {
+    pub passed: bool,
+    pub detail: String,
+    pub checks: Vec<Check>,
+}
+
+impl SelfTestReport {
+    pub fn failed(detail: impl Into<String>, checks: Vec<Check>) -> Self {
+        SelfTestReport {
+            passed: false,
+            detail: detail.into(),
+            checks,
+        }
+    }
+}
+
+/// What `meshlane services` and `meshlane status` show of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// None for a service adopted from the pinned maps of an earlier agent, until the
+    /// services file is loaded again.
+    pub name: Option<String>,
+    /// `VIP:port/PROTO`.
+    pub frontend: String,
+    pub balance: Option<Balance>,
+    pub backends: Vec<SocketAddr>,
+    pub connects: u64,
+    pub datagrams: u64,
+    pub refused: u64,
+}
+
+/// The services part of `meshlane status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicesSummary {
+    pub file: Option<PathBuf>,
+    /// Tables applied since the agent started.
+    pub loads: u64,
+    /// Unix time of the last applied table.
+    pub loaded_at: Option<u64>,
+    pub services: usize,
+    pub backends: usize,
+    /// Why the file's current contents are not in force (the previous table is).
+    pub last_error: Option<String>,
+}
+
+/// The answer to `services`: the whole table with per-service counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Services {
+    pub summary: ServicesSummary,
+    pub services: Vec<ServiceView>,
+}
+
+/// The answer to `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub abi: u32,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub programs: Vec<AttachedProgram>,
+    pub selftest: SelfTestReport,
+    /// Redirect is on right now.
+    pub accelerate: bool,
+    /// The operator's choice (kill switch); redirect is on only if this and the self-test agree.
+    pub accel_wanted: bool,
+    pub pods: usize,
+    pub sockhash_sockets: usize,
+    pub sidecar_pods: usize,
+    pub services: ServicesSummary,
+    /// The first services of the table with their counters (`meshlane services` lists all).
+    pub service_table: Vec<ServiceView>,
+    /// Every kernel counter by its reason name (`dataplane_common::Counter::name`).
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// The answer to `accel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accel {
+    /// Redirect is on now.
+    pub accelerate: bool,
+}
+
+/// The answer to `uninstall`: what was unpinned. The agent stops after answering.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uninstalled {
+    pub unpinned: Vec<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_names() {
+        assert!(validate_pod_name("default/web-1").is_ok());
+        assert!(validate_pod_name("web").is_err());
+        assert!(validate_pod_name("Default/web").is_err());
+        assert!(validate_pod_name("default/").is_err());
+        assert!(validate_pod_name("default/-web").is_err());
+    }
+
+    #[test]
+    fn pod_ips() {
+        assert!(validate_pod_ip(&"10.0.0.1".parse().unwrap()).is_ok());
+        assert!(validate_pod_ip(&"127.0.0.1".parse().unwrap()).is_err());
+        assert!(validate_pod_ip(&"0.0.0.0".parse().unwrap()).is_err());
+        assert!(validate_pod_ip(&"ff02::1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn sidecar_validation_names_the_field() {
+        assert!(SidecarSpec::default().validate().is_ok());
+        let bad = SidecarSpec {
+            exclude_inbound_ports: vec![80, 0],
+            ..SidecarSpec::default()
+        };
+        let e = bad.validate().unwrap_err();
+        assert!(e.contains("exclude_inbound_ports[1]"), "{e}");
+        let same = SidecarSpec {
+            inbound_port: 15001,
+            ..SidecarSpec::default()
+        };
+        assert!(same.validate().unwrap_err().contains("must differ"));
+    }
+}

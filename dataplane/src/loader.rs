@@ -1,0 +1,377 @@
+//! Loading, pinning and attaching: turns the embedded ELF into attached programs and open maps.
+//!
+//! Pins live under `<bpffs>/v<ABI_VERSION>/{maps,links}`. A pinned map is reused only when its
+//! type, key size, value size and capacity match the map table in `dataplane-common` (aya itself
+//! reuses a pin without looking). Links are pinned so that neither SIGTERM nor SIGKILL of the
+//! agent detaches anything; a restarted agent swaps its fresh programs into the pinned links
+//! atomically. This module must never detach or unpin anything except in [`unpin_all`].
+
+use std::{
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, MapInfo, MapType, SockHash},
+    programs::SkMsg,
+};
+use dataplane_common::{SockKey, map_names, maps::MapSpec, program_names};
+use meshlane_api::types::AttachedProgram;
+
+pub use meshlane_api::pins::{PinPaths, unpin_all};
+
+use crate::{Error, Result, bpf_sys, maps::Maps};
+
+/// The kernel programs, built by `build.rs` from `dataplane-ebpf`.
+pub static EBPF_ELF: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane-ebpf"));
+
+/// Where the programs are pinned and attached, and how big the adjustable maps are.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// The bpffs directory given with `--bpffs`; pins go under `v<ABI_VERSION>/` inside it.
+    pub bpffs: PathBuf,
+    /// The cgroup v2 directory the cgroup programs attach to.
+    pub cgroup: PathBuf,
+    /// Capacity of the SOCKHASH (and, twice that, of the per-socket statistics).
+    pub sockhash_capacity: u32,
+}
+
+/// The map table as this agent loads it: `dataplane-common`'s table with the load-time
+/// capacities applied.
+pub fn expected_maps(sockhash_capacity: u32) -> Vec<MapSpec> {
+    dataplane_common::maps::ALL
+        .iter()
+        .map(|m| MapSpec {
+            max_entries: m.max_entries_at_load(sockhash_capacity),
+            ..*m
+        })
+        .collect()
+}
+
+fn describe(ty: MapType, key: u32, value: u32, max: u32) -> String {
+    format!("{ty:?} key {key} B, value {value} B, {max} entries")
+}
+
+/// The loaded programs. Holding this keeps the program fds open; dropping it would detach the
+/// sk_msg program (see `attach_sk_msg`), so the agent keeps it for its whole life.
+pub struct Loaded {
+    _ebpf: Ebpf,
+    pub pins: PinPaths,
+    pub options: LoadOptions,
+    pub programs: Vec<AttachedProgram>,
+    /// Whether maps from an earlier agent were found and reused.
+    pub reused_pins: bool,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("pins", &self.pins)
+            .field("programs", &self.programs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks every existing pin against the layout this build expects. Returns whether any pin
+/// exists.
+fn check_pins(pins: &PinPaths, sockhash_capacity: u32) -> Result<bool> {
+    let mut any = false;
+    for l in expected_maps(sockhash_capacity) {
+        let path = pins.maps.join(l.name);
+        if !path.exists() {
+            continue;
+        }
+        any = true;
+        let info = MapInfo::from_pin(&path).map_err(|source| Error::Map {
+            name: l.name,
+            source,
+        })?;
+        let ty = info.map_type().map_err(|source| Error::Map {
+            name: l.name,
+            source,
+        })?;
+        let found = (ty, info.key_size(), info.value_size(), info.max_entries());
+        let want = (
+            MapType::from(l.kind),
+            l.key_size,
+            l.value_size,
+            l.max_entries,
+        );
+        if found != want {
+            return Err(Error::PinMismatch {
+                path,
+                expected: describe(want.0, want.1, want.2, want.3),
+                found: describe(found.0, found.1, found.2, found.3),
+            });
+        }
+    }
+    Ok(any)
+}
+
+/// Loads the programs, reusing matching pins, and attaches them. Redirect stays as the CONFIG
+/// map says (off on a fresh install); the caller switches it after the self-test.
+pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
+    let pins = PinPaths::new(&options.bpffs);
+    for dir in [&pins.maps, &pins.links] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io("creating the pin directory", dir, e))?;
+    }
+    let reused_pins = check_pins(&pins, options.sockhash_capacity)?;
+
+    let mut loader = EbpfLoader::new();
+    if std::env::var_os("MESHLANE_VERIFIER_LOG").is_some() {
+        // Full verifier logs in load errors, for diagnosing a kernel that refuses a program.
+        loader.verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
+    }
+    loader.default_map_pin_directory(&pins.maps);
+    for m in expected_maps(options.sockhash_capacity)
+        .into_iter()
+        .filter(|m| m.adjustable())
+    {
+        loader.map_max_entries(m.name, m.max_entries);
+    }
+    let mut ebpf = loader.load(EBPF_ELF)?;
+
+    let mut programs = Vec::new();
+    for p in CGROUP_PROGRAMS {
+        programs.push(attach_cgroup(&mut ebpf, &pins, &options.cgroup, p)?);
+    }
+    let socks: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::SOCKHASH)?;
+    programs.push(attach_sk_msg(&mut ebpf, &socks)?);
+    let maps = Maps {
+        netns: take(&mut ebpf, map_names::NETNS)?,
+        endpoints: take(&mut ebpf, map_names::ENDPOINTS)?,
+        stats: take(&mut ebpf, map_names::SOCK_STATS)?,
+        counters: take(&mut ebpf, map_names::COUNTERS)?,
+        config: take(&mut ebpf, map_names::CONFIG)?,
+        socks,
+        services: take(&mut ebpf, map_names::SERVICES)?,
+        backends: take(&mut ebpf, map_names::BACKENDS)?,
+        svc_stats: take(&mut ebpf, map_names::SVC_STATS)?,
+        sidecars: take(&mut ebpf, map_names::SIDECARS)?,
+    };
+    Ok((
+        Loaded {
+            _ebpf: ebpf,
+            pins,
+            options,
+            programs,
+            reused_pins,
+        },
+        maps,
+    ))
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| Error::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+/// The cgroup programs, where they attach, and how `meshlane status` describes them.
+const CGROUP_PROGRAMS: [(&str, u32, &str); 10] = {
+    use bpf_sys::attach_type as at;
+    [
+        (
+            program_names::SOCKOPS,
+            at::CGROUP_SOCK_OPS,
+            "cgroup_sock_ops",
+        ),
+        (
+            program_names::CONNECT4,
+            at::CGROUP_INET4_CONNECT,
+            "cgroup/connect4",
+        ),
+        (
+            program_names::CONNECT6,
+            at::CGROUP_INET6_CONNECT,
+            "cgroup/connect6",
+        ),
+        (
+            program_names::SENDMSG4,
+            at::CGROUP_UDP4_SENDMSG,
+            "cgroup/sendmsg4",
+        ),
+        (
+            program_names::SENDMSG6,
+            at::CGROUP_UDP6_SENDMSG,
+            "cgroup/sendmsg6",
+        ),
+        (
+            program_names::RECVMSG4,
+            at::CGROUP_UDP4_RECVMSG,
+            "cgroup/recvmsg4",
+        ),
+        (
+            program_names::RECVMSG6,
+            at::CGROUP_UDP6_RECVMSG,
+            "cgroup/recvmsg6",
+        ),
+        (
+            program_names::GETPEERNAME4,
+            at::CGROUP_INET4_GETPEERNAME,
+            "cgroup/getpeername4",
+        ),
+        (
+            program_names::GETPEERNAME6,
+            at::CGROUP_INET6_GETPEERNAME,
+            "cgroup/getpeername6",
+        ),
+        (
+            program_names::GETSOCKOPT,
+            at::CGROUP_GETSOCKOPT,
+            "cgroup/getsockopt",
+        ),
+    ]
+};
+
+/// Loads a cgroup program and attaches it through a pinned bpf_link, or, when an earlier agent
+/// left the link, swaps the new program into it in one step (BPF_LINK_UPDATE), so sockets
+/// connecting right now are handled by one program or the other, never by neither. A cgroup
+/// bpf_link coexists with other programs on the cgroup.
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    pins: &PinPaths,
+    cgroup: &Path,
+    (name, attach_type, what): (&'static str, u32, &str),
+) -> Result<AttachedProgram> {
+    use aya::programs::Program;
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Internal(format!("the ELF has no program {name}")))?;
+    match prog {
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSockopt(p) => p.load(),
+        other => {
+            return Err(Error::Internal(format!(
+                "program {name} has unexpected type {:?}",
+                other.prog_type()
+            )));
+        }
+    }
+    .map_err(|source| Error::Program { name, source })?;
+    let id = prog
+        .info()
+        .map_err(|source| Error::Program { name, source })?
+        .id();
+    let prog_fd = prog
+        .fd()
+        .map_err(|source| Error::Program { name, source })?;
+    let link_path = pins.link(name);
+    if link_path.exists() {
+        let link = bpf_sys::obj_get(&link_path)
+            .map_err(|e| Error::io("opening the pinned link", &link_path, e))?;
+        bpf_sys::link_update(link.as_fd(), prog_fd.as_fd())
+            .map_err(|e| Error::io("BPF_LINK_UPDATE", &link_path, e))?;
+        tracing::debug!(link = %link_path.display(), "reused the pinned link");
+    } else {
+        let cg = File::open(cgroup).map_err(|e| Error::io("opening the cgroup", cgroup, e))?;
+        let link = bpf_sys::link_create(prog_fd.as_fd(), cg.as_fd(), attach_type)
+            .map_err(|e| Error::io("attaching a program to the cgroup", cgroup, e))?;
+        bpf_sys::obj_pin(link.as_fd(), &link_path)
+            .map_err(|e| Error::io("pinning the link", &link_path, e))?;
+        tracing::debug!(cgroup = %cgroup.display(), program = name, "attached");
+    }
+    Ok(AttachedProgram {
+        name: name.into(),
+        id,
+        attach: format!("{what} {} (bpf_link)", cgroup.display()),
+        pinned_link: Some(link_path),
+    })
+}
+
+/// Attaches sk_msg to the SOCKHASH. This is a map attachment, not a link: the map keeps the
+/// program for as long as the map lives (it is pinned), so a killed agent leaves it in place. A
+/// new attach simply replaces the program for sockets inserted from then on.
+fn attach_sk_msg(ebpf: &mut Ebpf, socks: &SockHash<MapData, SockKey>) -> Result<AttachedProgram> {
+    let name = program_names::SK_MSG;
+    let prog: &mut SkMsg = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Internal(format!("the ELF has no program {name}")))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })?;
+    prog.load()
+        .map_err(|source| Error::Program { name, source })?;
+    let id = prog
+        .info()
+        .map_err(|source| Error::Program { name, source })?
+        .id();
+    let link_id = prog
+        .attach(socks.fd())
+        .map_err(|source| Error::Program { name, source })?;
+    // aya detaches on drop; we must not, or stopping the agent would stop the fast path for new
+    // sockets. Forgetting the handle leaves the attachment owned by the pinned map; `uninstall`
+    // removes the map and with it the attachment.
+    let link = prog
+        .take_link(link_id)
+        .map_err(|source| Error::Program { name, source })?;
+    std::mem::forget(link);
+    Ok(AttachedProgram {
+        name: name.into(),
+        id,
+        attach: format!("sk_msg_verdict on {}", map_names::SOCKHASH),
+        pinned_link: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The embedded ELF (what the kernel gets) declares exactly the maps of the table in
+    /// `dataplane-common`, with the same types, sizes and compiled capacities; the loader's
+    /// load-time capacities follow the table too.
+    #[test]
+    fn the_embedded_programs_declare_the_map_table() {
+        let obj = aya_obj::Object::parse(EBPF_ELF).expect("the embedded ELF parses");
+        let mut in_elf: Vec<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            // Global data sections show up as maps too; ours are all named ML_*.
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        in_elf.sort_unstable();
+        let mut in_table: Vec<&str> = dataplane_common::maps::ALL.iter().map(|m| m.name).collect();
+        in_table.sort_unstable();
+        assert_eq!(
+            in_elf, in_table,
+            "the ELF's maps and the table's rows differ"
+        );
+        for spec in dataplane_common::maps::ALL {
+            let m = &obj.maps[spec.name];
+            let found = (m.map_type(), m.key_size(), m.value_size(), m.max_entries());
+            let want = (
+                spec.kind.bpf_map_type(),
+                spec.key_size,
+                spec.value_size,
+                spec.max_entries,
+            );
+            assert_eq!(
+                found, want,
+                "{}: ELF (type, key, value, entries) vs table",
+                spec.name
+            );
+        }
+        let loaded = expected_maps(100);
+        let by = |n: &str| {
+            loaded
+                .iter()
+                .find(|m| m.name == n)
+                .expect("in the table")
+                .max_entries
+        };
+        assert_eq!(by(map_names::SOCKHASH), 100);
+        assert_eq!(by(map_names::SOCK_STATS), 200);
+        assert_eq!(by(map_names::NETNS), dataplane_common::NETNS_CAPACITY);
+    }
+}

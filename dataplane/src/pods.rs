@@ -1,0 +1,296 @@
+//! Pods on this node: enrolling and removing them, and making the maps say what the state file
+//! says after a restart. Every request is validated completely before anything changes; a change
+//! that fails half-way is rolled back, so a refused request leaves maps and state as they were.
+//! Never enrolls the host's network namespace.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+};
+
+use dataplane_common::{Endpoint, NetnsInfo, netns_flags};
+use meshlane_api::types::{Pod, SidecarSpec, validate_pod_ip, validate_pod_name};
+
+use crate::{
+    Error, Result,
+    addr::{ip_key, prefix_mask},
+    agent::Agent,
+    maps::Maps,
+    sys,
+};
+
+/// The map form of a pod's sidecar settings, which the connect program reads.
+pub fn sidecar_map(spec: &SidecarSpec) -> dataplane_common::Sidecar {
+    let mut sc = dataplane_common::Sidecar {
+        outbound_port: spec.outbound_port,
+        inbound_port: spec.inbound_port,
+        proxy_uid: spec.proxy_uid,
+        cidr_count: spec.exclude_cidrs.len() as u32,
+        ..Default::default()
+    };
+    for (slot, p) in sc
+        .exclude_outbound_ports
+        .iter_mut()
+        .zip(&spec.exclude_outbound_ports)
+    {
+        *slot = *p;
+    }
+    for (slot, p) in sc
+        .exclude_inbound_ports
+        .iter_mut()
+        .zip(&spec.exclude_inbound_ports)
+    {
+        *slot = *p;
+    }
+    for (slot, net) in sc.exclude_cidrs.iter_mut().zip(&spec.exclude_cidrs) {
+        let net = net.trunc();
+        slot.net = ip_key(&net.addr());
+        slot.mask = prefix_mask(&net);
+    }
+    sc
+}
+
+/// Writes a pod's entries: sidecar settings first, then its endpoints, then the netns entry that
+/// makes the programs act on its sockets.
+fn enroll_maps(maps: &mut Maps, pod: &Pod) -> Result<()> {
+    let mut flags = netns_flags::ACCELERATE;
+    if let Some(sc) = &pod.sidecar {
+        // Settings before the flag that makes the programs look for them.
+        maps.put_sidecar(pod.netns_cookie, sidecar_map(sc))?;
+        flags |= netns_flags::SIDECAR;
+    }
+    for ip in &pod.ips {
+        maps.put_endpoint(
+            ip_key(ip),
+            Endpoint {
+                netns: pod.netns_cookie,
+                flags,
+                pod_id: pod.id,
+            },
+        )?;
+    }
+    maps.put_netns(
+        pod.netns_cookie,
+        NetnsInfo {
+            flags,
+            pod_id: pod.id,
+            addr: pod.ips.first().map(ip_key).unwrap_or_default(),
+        },
+    )
+}
+
+/// Removes a pod's entries. Its sockets stay in the SOCKHASH until they close: removing them
+/// would free their redirect queues with unread data in them. Without the netns entry they send
+/// through the stack from now on, which keeps bytes in order (see sk_msg.rs).
+fn unenroll_maps(maps: &mut Maps, pod: &Pod) {
+    if let Err(e) = maps.del_netns(pod.netns_cookie) {
+        tracing::warn!(error = %e, "removing the netns entry");
+    }
+    if let Err(e) = maps.del_sidecar(pod.netns_cookie) {
+        tracing::warn!(error = %e, "removing the sidecar entry");
+    }
+    for ip in &pod.ips {
+        if let Err(e) = maps.del_endpoint(ip_key(ip)) {
+            tracing::warn!(error = %e, "removing an endpoint");
+        }
+    }
+}
+
+impl Agent {
+    /// Makes the maps say what the state file says: re-enrolls known pods, removes netns and
+    /// endpoint entries nobody owns (a pod deleted while the agent was down, or the self-test's
+    /// namespace of a killed agent). Sockets already in the fast path are not touched.
+    pub fn reconcile(&mut self) -> Result<()> {
+        let wanted: BTreeMap<u64, &Pod> = self
+            .state
+            .pods
+            .iter()
+            .map(|p| (p.netns_cookie, p))
+            .collect();
+        for (cookie, _) in self.maps.netns_entries()? {
+            if !wanted.contains_key(&cookie) {
+                tracing::info!(cookie, "removing an enrollment no pod owns");
+                self.maps.del_netns(cookie)?;
+            }
+        }
+        let wanted_ips: BTreeSet<[u32; 4]> = self
+            .state
+            .pods
+            .iter()
+            .flat_map(|p| p.ips.iter().map(ip_key))
+            .collect();
+        for (ip, _) in self.maps.endpoint_entries()? {
+            if !wanted_ips.contains(&ip) {
+                self.maps.del_endpoint(ip)?;
+            }
+        }
+        for (cookie, _) in self.maps.sidecar_entries()? {
+            if wanted.get(&cookie).is_none_or(|p| p.sidecar.is_none()) {
+                self.maps.del_sidecar(cookie)?;
+            }
+        }
+        for p in &self.state.pods {
+            enroll_maps(&mut self.maps, p)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn pod_add(
+        &mut self,
+        netns: &Path,
+        ips: &[IpAddr],
+        name: Option<String>,
+        sidecar: Option<SidecarSpec>,
+    ) -> Result<Pod> {
+        let invalid = |m: String| Error::Invalid(format!("pod add: {m}"));
+        let conflict = |m: String| Error::Conflict(format!("pod add: {m}"));
+        if let Some(sc) = &sidecar {
+            sc.validate().map_err(invalid)?;
+        }
+        if !netns.is_absolute() {
+            return Err(invalid(format!(
+                "netns path {} must be absolute",
+                netns.display()
+            )));
+        }
+        if ips.is_empty() {
+            return Err(invalid("at least one --ip is required".into()));
+        }
+        for ip in ips {
+            validate_pod_ip(ip).map_err(invalid)?;
+        }
+        for (i, a) in ips.iter().enumerate() {
+            if ips[i + 1..].iter().any(|b| ip_key(a) == ip_key(b)) {
+                return Err(invalid(format!("IP {a} is given twice")));
+            }
+        }
+        if let Some(n) = &name {
+            validate_pod_name(n).map_err(invalid)?;
+            if let Some(p) = self.state.find_by_name(n) {
+                return Err(conflict(format!(
+                    "a pod named {n} is already enrolled (netns {})",
+                    p.netns.display()
+                )));
+            }
+        }
+        let cookie = sys::netns_cookie(netns).map_err(|e| invalid(e.to_string()))?;
+        if self.host_cookies.contains(&cookie) {
+            return Err(invalid(format!(
+                "{} is the host's network namespace; meshlane never enrolls it",
+                netns.display()
+            )));
+        }
+        if let Some(p) = self.state.pods.iter().find(|p| p.netns_cookie == cookie) {
+            return Err(conflict(format!(
+                "netns {} is already enrolled as pod {} ({})",
+                netns.display(),
+                p.id,
+                p.name.as_deref().unwrap_or("unnamed")
+            )));
+        }
+        for ip in ips {
+            if let Some(p) = self
+                .state
+                .pods
+                .iter()
+                .find(|p| p.ips.iter().any(|x| ip_key(x) == ip_key(ip)))
+            {
+                return Err(conflict(format!(
+                    "IP {ip} already belongs to pod {} (netns {})",
+                    p.name.as_deref().unwrap_or("unnamed"),
+                    p.netns.display()
+                )));
+            }
+        }
+
+        let pod = Pod {
+            id: self.state.next_id.max(1),
+            name,
+            netns: netns.to_path_buf(),
+            netns_cookie: cookie,
+            ips: ips.to_vec(),
+            sidecar,
+        };
+        if let Err(e) = enroll_maps(&mut self.maps, &pod) {
+            unenroll_maps(&mut self.maps, &pod);
+            return Err(e);
+        }
+        let before = self.state.clone();
+        self.state.next_id = pod.id + 1;
+        self.state.pods.push(pod.clone());
+        if let Err(e) = self.state.save(&self.state_path) {
+            self.state = before;
+            unenroll_maps(&mut self.maps, &pod);
+            return Err(e);
+        }
+        tracing::info!(id = pod.id, name = ?pod.name, netns = %pod.netns.display(), "pod enrolled");
+        Ok(pod)
+    }
+
+    pub(crate) fn pod_del(&mut self, netns: Option<&Path>, name: Option<&str>) -> Result<Pod> {
+        let idx = match (netns, name) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(Error::Invalid(
+                    "pod del: give exactly one of --netns or --name".into(),
+                ));
+            }
+            (Some(path), None) => self.state.pods.iter().position(|p| p.netns == path),
+            (None, Some(n)) => self
+                .state
+                .pods
+                .iter()
+                .position(|p| p.name.as_deref() == Some(n)),
+        };
+        let Some(idx) = idx else {
+            return Err(Error::NotFound(format!(
+                "pod del: no enrolled pod has {}",
+                match (netns, name) {
+                    (Some(p), _) => format!("netns {}", p.display()),
+                    (_, Some(n)) => format!("name {n}"),
+                    _ => unreachable!("checked above"),
+                }
+            )));
+        };
+        let before = self.state.clone();
+        let pod = self.state.pods.remove(idx);
+        if let Err(e) = self.state.save(&self.state_path) {
+            self.state = before;
+            return Err(e);
+        }
+        unenroll_maps(&mut self.maps, &pod);
+        tracing::info!(id = pod.id, name = ?pod.name, "pod removed");
+        Ok(pod)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_settings_in_map_form() {
+        let spec = SidecarSpec {
+            exclude_outbound_ports: vec![22, 9090],
+            exclude_inbound_ports: vec![15020],
+            exclude_cidrs: vec!["10.96.0.1/16".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            ..SidecarSpec::default()
+        };
+        let m = sidecar_map(&spec);
+        assert_eq!(
+            (m.outbound_port, m.inbound_port, m.proxy_uid),
+            (15001, 15006, 1337)
+        );
+        assert_eq!(&m.exclude_outbound_ports[..3], &[22, 9090, 0]);
+        assert_eq!(&m.exclude_inbound_ports[..2], &[15020, 0]);
+        assert_eq!(m.cidr_count, 2);
+        // The network is truncated to its prefix.
+        assert_eq!(
+            m.exclude_cidrs[0].net,
+            ip_key(&"10.96.0.0".parse().unwrap())
+        );
+        assert!(m.exclude_cidrs[0].contains(&ip_key(&"10.96.200.1".parse().unwrap())));
+        assert!(!m.exclude_cidrs[0].contains(&ip_key(&"10.97.0.1".parse().unwrap())));
+        assert!(m.exclude_cidrs[1].contains(&ip_key(&"fd12::1".parse().unwrap())));
+    }
+}

@@ -1,0 +1,128 @@
+# shellcheck shell=bash
+# Shared by meshlane's set-up scripts (deploy/setup-demo.sh, deploy/setup-tests.sh, perf/setup.sh):
+# sourced, never run. Every function checks before it acts, so a set-up that finds everything in
+# place takes about a second and says so. Debian bookworm, as root.
+#
+# Caches live where the machine keeps them, outside any clone: cargo-installed tools in
+# ~/.cargo/bin, everything else the set-up builds under $MESHLANE_CACHE. Go-built test tools
+# (cnitool v1.3.1, the reference CNI plugins v1.10.0, kube-apiserver; recipes in the design
+# notes' "Facts verified") will get one helper here when the first of them is needed:
+#   go_install_cached NAME MODULE@VERSION  →  $MESHLANE_CACHE/bin/NAME-VERSION, built once with
+#   GOCACHE=$MESHLANE_CACHE/go/build and GOMODCACHE=$MESHLANE_CACHE/go/mod,
+# and one call per tool in deploy/setup-tests.sh.
+
+MESHLANE_CACHE=${MESHLANE_CACHE:-/var/cache/meshlane}
+export DEBIAN_FRONTEND=noninteractive
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# What every build needs: a C toolchain for build scripts and linking, LLVM 22 to build
+# bpf-linker (which links the eBPF crate and loads libLLVM at run time), and iproute2, which the
+# lab itself runs (`ip netns`, veths, bridge, `ss`).
+# shellcheck disable=SC2034 # used by the scripts that source this file
+BUILD_PKGS=(gcc libc6-dev llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2)
+
+SETUP_NAME=${SETUP_NAME:-setup}
+INSTALLED=()
+
+log() { printf '[%s] %s\n' "$SETUP_NAME" "$*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    log "must run as root (it installs packages and mounts bpffs)"
+    exit 1
+  fi
+}
+
+# apt_install PKG...: installs the packages that are not installed yet. `apt-get update` runs only
+# then, and at most once an hour across set-ups (a stamp under $MESHLANE_CACHE), so `deploy/setup.sh`
+# updates once for its three parts. nginx and haproxy are started by their packages' scripts; the
+# lab runs its own instances, so they are stopped and disabled right after they are installed.
+apt_install() {
+  local have missing=() p svc
+  # dpkg-query fails when it knows none of a name's versions; the names it lists are enough.
+  have=" $({ dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' "$@" 2>/dev/null || true; } |
+    awk '$1 == "ii" { printf "%s ", $2 }')"
+  for p in "$@"; do
+    [[ "$have" == *" $p "* ]] || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -eq 0 ]; then
+    log "present: Debian packages $*"
+    return
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  mkdir -p "$MESHLANE_CACHE"
+  if [ -z "$(find "$MESHLANE_CACHE/apt-updated" -mmin -60 2>/dev/null)" ]; then
+    apt-get update -qq
+    touch "$MESHLANE_CACHE/apt-updated"
+  fi
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  for svc in nginx haproxy; do
+    [[ " ${missing[*]}" == *" $svc"* ]] || continue
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now "$svc" >/dev/null 2>&1 || true; fi
+    service "$svc" stop >/dev/null 2>&1 || true
+  done
+  INSTALLED+=("${missing[@]}")
+}
+
+# ensure_cargo_tool NAME PATTERN [ARGS...]: `cargo install --locked NAME ARGS...` unless
+# `NAME --version` already matches the extended regular expression PATTERN. Installs into
+# ~/.cargo/bin, so it is built once per machine.
+ensure_cargo_tool() {
+  local name=$1 want=$2 version
+  shift 2
+  version=$("$name" --version 2>/dev/null | head -n 1) || true
+  if [[ "$version" =~ $want ]]; then
+    log "present: $version"
+    return
+  fi
+  log "building $name from crates.io ($*)"
+  cargo install --locked "$name" "$@"
+  INSTALLED+=("$name")
+}
+
+# ensure_build_toolchain: what building the workspace needs beyond BUILD_PKGS (install those
+# first): stable Rust from rustup (checked, not installed), the nightly toolchain with rust-src (aya-build
+# builds the eBPF crate with -Z build-std=core), and bpf-linker 0.13 built against LLVM 22.
+ensure_build_toolchain() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    log "cargo not found: this project needs a rustup toolchain (stable + nightly) in ~/.cargo/bin"
+    exit 1
+  fi
+  # `nightly-<host>`, the toolchain `+nightly` names (a dated nightly alone would not do).
+  if ! rustup toolchain list | grep -q '^nightly-[a-z]'; then
+    log "installing the nightly toolchain"
+    rustup toolchain install nightly --profile minimal
+    INSTALLED+=(nightly)
+  fi
+  if [ -d "$(rustc +nightly --print sysroot)/lib/rustlib/src/rust/library" ]; then
+    log "present: nightly with rust-src"
+  else
+    log "adding rust-src to nightly"
+    rustup component add rust-src --toolchain nightly
+    INSTALLED+=(rust-src)
+  fi
+  # About a minute on two cores.
+  LLVM_PREFIX=/usr/lib/llvm-22 ensure_cargo_tool bpf-linker '^bpf-linker 0\.13\.' \
+    --version '^0.13' --no-default-features --features llvm-22
+}
+
+# ensure_bpffs: the agent mounts its own bpffs, but bpftool and humans expect /sys/fs/bpf.
+ensure_bpffs() {
+  if awk '$9 == "bpf" { f = 1 } END { exit !f }' /proc/self/mountinfo; then
+    log "present: bpffs"
+    return
+  fi
+  log "mounting bpffs at /sys/fs/bpf"
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+  INSTALLED+=(bpffs)
+}
+
+# setup_done: the closing line, saying whether anything had to be done.
+setup_done() {
+  if [ "${#INSTALLED[@]}" -eq 0 ]; then
+    log "ready: everything was already present"
+  else
+    log "ready: installed ${INSTALLED[*]}"
+  fi
+}
