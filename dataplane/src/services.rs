@@ -76,38 +76,31 @@ impl ServicesFile {
         }
     }
 
+    /// Reports a file that cannot be read once, not at every poll.
+    fn unreadable(&mut self, why: String) -> Option<Result<Vec<ServiceSpec>, String>> {
+        self.seen = None;
+        let msg = format!("{why}; the previous table stays in force");
+        let new = self.unreadable.as_deref() != Some(msg.as_str());
+        self.unreadable = Some(msg.clone());
+        new.then_some(Err(msg))
+    }
+
     /// The file's table if the file changed since the last look (`None`: nothing new), or why
     /// it is refused.
     pub fn poll(&mut self) -> Option<Result<Vec<ServiceSpec>, String>> {
-        let path = &self.path;
-        let unreadable = |this: &mut Self, msg: String| {
-            this.seen = None;
-            let new = this.unreadable.as_deref() != Some(msg.as_str());
-            this.unreadable = Some(msg.clone());
-            new.then_some(Err(msg))
-        };
-        let meta = match std::fs::metadata(path) {
+        let path = self.path.clone();
+        let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
-            Err(e) => {
-                let msg = format!(
-                    "services file {}: {e}; the previous table stays in force",
-                    path.display()
-                );
-                return unreadable(self, msg);
-            }
+            Err(e) => return self.unreadable(format!("services file {}: {e}", path.display())),
         };
         let quick = (meta.modified().ok(), meta.len());
         if self.seen.is_some_and(|(m, l, _)| (m, l) == quick) {
             return None;
         }
-        let bytes = match std::fs::read(path) {
+        let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) => {
-                let msg = format!(
-                    "reading services file {}: {e}; the previous table stays in force",
-                    path.display()
-                );
-                return unreadable(self, msg);
+                return self.unreadable(format!("reading services file {}: {e}", path.display()));
             }
         };
         self.unreadable = None;
