@@ -37,7 +37,7 @@ pub mod server;
 pub mod services;
 pub mod state;
 #[allow(unsafe_code)]
-pub mod sys;
+mod sys;
 
 pub use error::{Error, Result};
 pub use meshlane_api::defaults;

@@ -4,7 +4,7 @@
 //! a given kernel (929e30f93125 broke FIONREAD and epoll for sockhash sockets without an sk_skb
 //! verdict; 04af4efde58a fixed it), so there is one copy of it.
 //!
-//! Nothing here touches BPF or namespaces: the caller decides which path the sockets take.
+//! It must never touch BPF or namespaces: the caller decides which path the sockets take.
 #![deny(unsafe_code)]
 
 use std::{
