@@ -12,7 +12,10 @@ use std::{
 use serde::de::DeserializeOwned;
 
 use crate::{
-    types::{Accel, Pod, Services, SidecarSpec, SocketInfo, Status, Uninstalled},
+    types::{
+        Accel, AttachmentRef, CniAttachment, GcReport, Pod, Services, SidecarSpec, SocketInfo,
+        Status, Uninstalled,
+    },
     wire::{ErrorKind, Refusal, Request, Response},
 };
 
@@ -145,11 +148,46 @@ impl Client {
             ips,
             name,
             sidecar,
+            cni: None,
         })
     }
 
     pub fn pod_del(&mut self, netns: Option<PathBuf>, name: Option<String>) -> Result<Pod> {
-        self.call(&Request::PodDel { netns, name })
+        self.call(&Request::PodDel {
+            netns,
+            name,
+            attachment: None,
+        })
+    }
+
+    /// The CNI plugin's enrollment of a container's interface.
+    pub fn pod_add_attachment(
+        &mut self,
+        netns: PathBuf,
+        ips: Vec<IpAddr>,
+        name: Option<String>,
+        sidecar: Option<SidecarSpec>,
+        cni: CniAttachment,
+    ) -> Result<Pod> {
+        self.call(&Request::PodAdd {
+            netns,
+            ips,
+            name,
+            sidecar,
+            cni: Some(cni),
+        })
+    }
+
+    pub fn pod_del_attachment(&mut self, attachment: AttachmentRef) -> Result<Pod> {
+        self.call(&Request::PodDel {
+            netns: None,
+            name: None,
+            attachment: Some(attachment),
+        })
+    }
+
+    pub fn pod_gc(&mut self, network: String, valid: Vec<AttachmentRef>) -> Result<GcReport> {
+        self.call(&Request::PodGc { network, valid })
     }
 
     pub fn pod_list(&mut self) -> Result<Vec<Pod>> {

@@ -12,13 +12,15 @@
 //!   `meshlane services check` validates offline) and [`services::ServiceSpec`], the typed
 //!   service table.
 //!
-//! - [`pins`]: where the agent pins its maps and links, and their removal without an agent.
+//! - [`pins`]: where the agent pins its maps and links, and their removal without an agent;
+//! - [`queue`]: the CNI plugin's queue of requests for an agent that is away.
 //!
 //! It must never make BPF syscalls or enter namespaces: it is plain data, files and one socket.
 #![deny(unsafe_code)]
 
 pub mod client;
 pub mod pins;
+pub mod queue;
 pub mod services;
 pub mod types;
 pub mod wire;
@@ -36,4 +38,6 @@ pub mod defaults {
     pub const STATE_FILE: &str = "/run/meshlane/state.json";
     /// The agent's Prometheus endpoint.
     pub const METRICS_ADDR: &str = "127.0.0.1:9464";
+    /// Where the CNI plugin queues requests while the agent is away.
+    pub const CNI_QUEUE_DIR: &str = "/var/lib/meshlane/cni-queue";
 }

@@ -25,6 +25,12 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarSpec>,
+    /// What the pod is enrolled for (follows `sidecar`; shown in `pod list`).
+    #[serde(default)]
+    pub mode: PodMode,
+    /// The CNI attachment that enrolled the pod; none for a pod enrolled by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniAttachment>,
 }
 
 impl Pod {
@@ -34,6 +40,79 @@ impl Pod {
             .clone()
             .unwrap_or_else(|| format!("pod-{}", self.id))
     }
+
+    /// Whether this pod is the enrollment of that container's interface.
+    pub fn is_attachment(&self, a: &AttachmentRef) -> bool {
+        self.cni
+            .as_ref()
+            .is_some_and(|c| c.container_id == a.container_id && c.ifname == a.ifname)
+    }
+}
+
+/// What an enrolled pod gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodMode {
+    /// Same-node traffic skips the TCP/IP stack.
+    #[default]
+    Accelerate,
+    /// Accelerated, and its traffic captured for its sidecar proxy.
+    Sidecar,
+}
+
+impl PodMode {
+    pub fn of(sidecar: Option<&SidecarSpec>) -> Self {
+        if sidecar.is_some() {
+            PodMode::Sidecar
+        } else {
+            PodMode::Accelerate
+        }
+    }
+}
+
+impl std::fmt::Display for PodMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PodMode::Accelerate => "accelerate",
+            PodMode::Sidecar => "sidecar",
+        })
+    }
+}
+
+/// A container's interface as CNI names it: the key of a CNI enrollment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentRef {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// The CNI attachment an enrollment was made for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CniAttachment {
+    pub container_id: String,
+    pub ifname: String,
+    /// The CNI network (the conflist's `name`); `GC` of a network touches only its own.
+    pub network: String,
+}
+
+impl CniAttachment {
+    pub fn key(&self) -> AttachmentRef {
+        AttachmentRef {
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+        }
+    }
+}
+
+/// The answer to `pod_gc`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Enrollments removed because no valid attachment names them.
+    pub removed: Vec<Pod>,
+    /// Enrollments that could not be removed, with why (GC keeps going past them).
+    pub errors: Vec<String>,
 }
 
 /// How a sidecar pod's traffic is captured. The defaults are Istio's.
@@ -274,6 +353,22 @@ pub struct Status {
     pub service_table: Vec<ServiceView>,
     /// Every kernel counter by its reason name (`dataplane_common::Counter::name`).
     pub counters: BTreeMap<String, u64>,
+    /// The CNI plugin's queue, as the agent applies it.
+    pub cni_queue: QueueSummary,
+}
+
+/// The CNI queue in `meshlane status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSummary {
+    pub dir: PathBuf,
+    /// Entries waiting now.
+    pub pending: usize,
+    /// Entries applied since the agent started.
+    pub applied: u64,
+    /// Entries refused for good since the agent started (kept in `failed/`).
+    pub failed: u64,
+    /// The last problem met, if any.
+    pub last_error: Option<String>,
 }
 
 /// The answer to `accel`.

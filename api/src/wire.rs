@@ -14,7 +14,7 @@ use std::{fmt, net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::SidecarSpec;
+use crate::types::{AttachmentRef, CniAttachment, SidecarSpec};
 
 /// Largest request line the agent reads; longer ones are refused (and drained up to
 /// [`MAX_DRAIN_BYTES`], so the refusal reaches a client that is still writing).
@@ -34,14 +34,26 @@ pub enum Request {
         /// Capture the pod's traffic for its sidecar proxy (Istio's model); absent: no capture.
         #[serde(default)]
         sidecar: Option<SidecarSpec>,
+        /// Set by the CNI plugin: the attachment this enrollment belongs to. Adding the same
+        /// attachment for the same netns again answers the existing pod (CNI retries ADD).
+        #[serde(default)]
+        cni: Option<CniAttachment>,
     },
-    /// Remove a pod, by netns path or by NAMESPACE/NAME. Answer: the removed
-    /// [`crate::types::Pod`].
+    /// Remove a pod, by exactly one of netns path, NAMESPACE/NAME or CNI attachment. Answer:
+    /// the removed [`crate::types::Pod`].
     PodDel {
         #[serde(default)]
         netns: Option<PathBuf>,
         #[serde(default)]
         name: Option<String>,
+        #[serde(default)]
+        attachment: Option<AttachmentRef>,
+    },
+    /// Remove every enrollment the CNI plugin made for `network` that `valid` does not name
+    /// (CNI `GC`); pods enrolled by hand stay. Answer: [`crate::types::GcReport`].
+    PodGc {
+        network: String,
+        valid: Vec<AttachmentRef>,
     },
     /// Answer: every enrolled [`crate::types::Pod`].
     PodList,
@@ -63,6 +75,7 @@ impl Request {
         match self {
             Request::PodAdd { .. } => "pod_add",
             Request::PodDel { .. } => "pod_del",
+            Request::PodGc { .. } => "pod_gc",
             Request::PodList => "pod_list",
             Request::Sockets => "sockets",
             Request::Status => "status",
@@ -179,6 +192,7 @@ mod tests {
                 ips: vec!["10.1.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
                 name: None,
                 sidecar: None,
+                cni: None,
             }
         );
         assert_eq!(r.op(), "pod_add");

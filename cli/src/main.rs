@@ -245,14 +245,26 @@ fn onoff(b: bool) -> &'static str {
 }
 
 fn print_pods(pods: &[Pod]) {
-    println!("{:<4} {:<32} {:<36} IPS", "ID", "NAME", "NETNS");
+    println!(
+        "{:<4} {:<32} {:<10} {:<36} {:<24} IPS",
+        "ID", "NAME", "MODE", "NETNS", "CNI (CONTAINER/IFNAME)"
+    );
     for p in pods {
         let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+        let cni = p.cni.as_ref().map_or_else(
+            || "-".to_string(),
+            |c| {
+                let short: String = c.container_id.chars().take(12).collect();
+                format!("{short}/{}", c.ifname)
+            },
+        );
         println!(
-            "{:<4} {:<32} {:<36} {}",
+            "{:<4} {:<32} {:<10} {:<36} {:<24} {}",
             p.id,
             p.name.as_deref().unwrap_or("-"),
+            p.mode.to_string(),
             p.netns.display().to_string(),
+            cni,
             ips.join(",")
         );
     }
@@ -280,6 +292,17 @@ fn print_status(v: &Status) {
         println!("  {:<16} id {:<6} {}", p.name, p.id, p.attach);
     }
     println!("sidecar pods:  {}", v.sidecar_pods);
+    let q = &v.cni_queue;
+    println!(
+        "CNI queue:     {} waiting in {}, {} applied, {} refused (kept in failed/)",
+        q.pending,
+        q.dir.display(),
+        q.applied,
+        q.failed
+    );
+    if let Some(e) = &q.last_error {
+        println!("  last: {e}");
+    }
     print_services_summary(&v.services);
     print_services(&v.service_table);
     println!("counters:");

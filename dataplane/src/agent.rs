@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use crate::{
     Error, Result,
     addr::key_socket_addr,
+    cni_queue::CniQueue,
     loader::{self, LoadOptions, Loaded, PinPaths},
     maps::Maps,
     selftest,
@@ -34,6 +35,8 @@ pub struct Config {
     pub services: Option<PathBuf>,
     /// Skip the self-test; redirect stays off.
     pub no_selftest: bool,
+    /// Where the CNI plugin queues requests while the agent is away.
+    pub cni_queue_dir: PathBuf,
 }
 
 pub struct Agent {
@@ -43,6 +46,7 @@ pub struct Agent {
     pub(crate) state_path: PathBuf,
     pub(crate) selftest: SelfTestReport,
     pub(crate) services: ServiceTable,
+    pub(crate) cni_queue: CniQueue,
     /// Cookies of namespaces that must never be enrolled: the agent's own and PID 1's.
     pub(crate) host_cookies: Vec<u64>,
 }
@@ -155,10 +159,12 @@ impl Agent {
             state_path: config.state_file.clone(),
             selftest: report,
             services,
+            cni_queue: CniQueue::new(config.cni_queue_dir.clone()),
             host_cookies,
         };
         agent.reconcile()?;
         agent.poll_services();
+        agent.drain_cni_queue();
         let on = agent.apply_accel()?;
         tracing::info!(accelerate = on, pods = agent.state.pods.len(), "ready");
         Ok(agent)
@@ -169,11 +175,6 @@ impl Agent {
         let on = self.state.accel_wanted && self.selftest.passed;
         self.maps.set_accelerate(on)?;
         Ok(on)
-    }
-
-    /// Whether a services file is watched.
-    pub fn watches_services(&self) -> bool {
-        self.services.file().is_some()
     }
 
     /// Applies the services file if it changed, and logs what happened.
@@ -199,10 +200,14 @@ impl Agent {
                 ips,
                 name,
                 sidecar,
-            } => json!(self.pod_add(&netns, &ips, name, sidecar)?),
-            Request::PodDel { netns, name } => {
-                json!(self.pod_del(netns.as_deref(), name.as_deref())?)
-            }
+                cni,
+            } => json!(self.pod_add(&netns, &ips, name, sidecar, cni)?),
+            Request::PodDel {
+                netns,
+                name,
+                attachment,
+            } => json!(self.pod_del(netns.as_deref(), name.as_deref(), attachment.as_ref())?),
+            Request::PodGc { network, valid } => json!(self.pod_gc(&network, &valid)),
             Request::PodList => json!(self.state.pods),
             Request::Sockets => json!(self.sockets()?),
             Request::Status => json!(self.status()?),
@@ -289,6 +294,7 @@ impl Agent {
                 .into_iter()
                 .map(|(c, v)| (c.name().to_string(), v))
                 .collect(),
+            cni_queue: self.cni_queue.summary(),
         })
     }
 

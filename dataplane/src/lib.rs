@@ -13,6 +13,7 @@
 //! | [`addr`] | IP ⇄ map key (IPv4-mapped IPv6) |
 //! | [`pods`] | enroll, remove, reconcile pods |
 //! | [`services`] | services file watcher and service-table writer |
+//! | [`cni_queue`] | applying what the CNI plugin queued while the agent was away |
 //! | [`state`] | what survives a restart (state file) |
 //! | [`agent`] | start-up policy, request dispatch, status |
 //! | [`server`] | the local API socket |
@@ -26,6 +27,7 @@ pub mod addr;
 pub mod agent;
 #[allow(unsafe_code)]
 mod bpf_sys;
+pub mod cni_queue;
 mod error;
 pub mod loader;
 pub mod maps;

@@ -42,6 +42,10 @@ struct Args {
     /// Skip the self-test and keep redirect off (diagnostics only).
     #[arg(long, env = "MESHLANE_NO_SELFTEST")]
     no_selftest: bool,
+    /// Where the CNI plugin queues enrollments and removals while the agent is away (its
+    /// `queueDir`); applied at start and every 0.5 s.
+    #[arg(long, env = "MESHLANE_CNI_QUEUE_DIR", default_value = defaults::CNI_QUEUE_DIR)]
+    cni_queue_dir: PathBuf,
 }
 
 fn main() {
@@ -78,6 +82,7 @@ fn run() -> anyhow::Result<()> {
         sockhash_capacity: args.sockhash_capacity,
         services: args.services,
         no_selftest: args.no_selftest,
+        cni_queue_dir: args.cni_queue_dir,
     })?;
     runtime::run(
         agent,

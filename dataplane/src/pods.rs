@@ -10,7 +10,10 @@ use std::{
 };
 
 use dataplane_common::{Endpoint, NetnsInfo, netns_flags};
-use meshlane_api::types::{Pod, SidecarSpec, validate_pod_ip, validate_pod_name};
+use meshlane_api::types::{
+    AttachmentRef, CniAttachment, GcReport, Pod, PodMode, SidecarSpec, validate_pod_ip,
+    validate_pod_name,
+};
 
 use crate::{
     Error, Result,
@@ -142,11 +145,29 @@ impl Agent {
         ips: &[IpAddr],
         name: Option<String>,
         sidecar: Option<SidecarSpec>,
+        cni: Option<CniAttachment>,
     ) -> Result<Pod> {
         let invalid = |m: String| Error::Invalid(format!("pod add: {m}"));
         let conflict = |m: String| Error::Conflict(format!("pod add: {m}"));
         if let Some(sc) = &sidecar {
             sc.validate().map_err(invalid)?;
+        }
+        if let Some(c) = &cni {
+            validate_attachment(c).map_err(invalid)?;
+            // CNI may call ADD again for an attachment it already added (a retried ADD, or the
+            // agent applying a queued ADD it had applied before it died): the same attachment
+            // on the same netns is the pod that exists.
+            if let Some(p) = self.state.pods.iter().find(|p| p.is_attachment(&c.key())) {
+                if p.netns == netns {
+                    return Ok(p.clone());
+                }
+                return Err(conflict(format!(
+                    "container {} interface {} is already enrolled with netns {}",
+                    c.container_id,
+                    c.ifname,
+                    p.netns.display()
+                )));
+            }
         }
         if !netns.is_absolute() {
             return Err(invalid(format!(
@@ -210,7 +231,9 @@ impl Agent {
             netns: netns.to_path_buf(),
             netns_cookie: cookie,
             ips: ips.to_vec(),
+            mode: PodMode::of(sidecar.as_ref()),
             sidecar,
+            cni,
         };
         if let Err(e) = enroll_maps(&mut self.maps, &pod) {
             unenroll_maps(&mut self.maps, &pod);
@@ -228,30 +251,43 @@ impl Agent {
         Ok(pod)
     }
 
-    pub(crate) fn pod_del(&mut self, netns: Option<&Path>, name: Option<&str>) -> Result<Pod> {
-        let idx = match (netns, name) {
-            (Some(_), Some(_)) | (None, None) => {
+    pub(crate) fn pod_del(
+        &mut self,
+        netns: Option<&Path>,
+        name: Option<&str>,
+        attachment: Option<&AttachmentRef>,
+    ) -> Result<Pod> {
+        let pods = &self.state.pods;
+        let (idx, what) = match (netns, name, attachment) {
+            (Some(path), None, None) => (
+                pods.iter().position(|p| p.netns == path),
+                format!("netns {}", path.display()),
+            ),
+            (None, Some(n), None) => (
+                pods.iter().position(|p| p.name.as_deref() == Some(n)),
+                format!("name {n}"),
+            ),
+            (None, None, Some(a)) => (
+                pods.iter().position(|p| p.is_attachment(a)),
+                format!("container {} interface {}", a.container_id, a.ifname),
+            ),
+            _ => {
                 return Err(Error::Invalid(
-                    "pod del: give exactly one of --netns or --name".into(),
+                    "pod del: give exactly one of --netns, --name or a CNI attachment".into(),
                 ));
             }
-            (Some(path), None) => self.state.pods.iter().position(|p| p.netns == path),
-            (None, Some(n)) => self
-                .state
-                .pods
-                .iter()
-                .position(|p| p.name.as_deref() == Some(n)),
         };
         let Some(idx) = idx else {
             return Err(Error::NotFound(format!(
-                "pod del: no enrolled pod has {}",
-                match (netns, name) {
-                    (Some(p), _) => format!("netns {}", p.display()),
-                    (_, Some(n)) => format!("name {n}"),
-                    _ => unreachable!("checked above"),
-                }
+                "pod del: no enrolled pod has {what}"
             )));
         };
+        self.remove_pod(idx)
+    }
+
+    /// Removes the pod at `idx`: state first (so a failed save changes nothing), then its map
+    /// entries.
+    fn remove_pod(&mut self, idx: usize) -> Result<Pod> {
         let before = self.state.clone();
         let pod = self.state.pods.remove(idx);
         if let Err(e) = self.state.save(&self.state_path) {
@@ -262,6 +298,70 @@ impl Agent {
         tracing::info!(id = pod.id, name = ?pod.name, "pod removed");
         Ok(pod)
     }
+
+    /// CNI `GC`: removes every enrollment of `network` whose attachment is not in `valid`,
+    /// keeping going past the ones that fail. Pods enrolled by hand, or by another network,
+    /// stay.
+    pub(crate) fn pod_gc(&mut self, network: &str, valid: &[AttachmentRef]) -> GcReport {
+        let valid: BTreeSet<&AttachmentRef> = valid.iter().collect();
+        let stale: Vec<u32> = self
+            .state
+            .pods
+            .iter()
+            .filter(|p| {
+                p.cni
+                    .as_ref()
+                    .is_some_and(|c| c.network == network && !valid.contains(&c.key()))
+            })
+            .map(|p| p.id)
+            .collect();
+        let mut report = GcReport::default();
+        for id in stale {
+            let Some(idx) = self.state.pods.iter().position(|p| p.id == id) else {
+                continue;
+            };
+            match self.remove_pod(idx) {
+                Ok(p) => report.removed.push(p),
+                Err(e) => report.errors.push(format!("pod {id}: {e}")),
+            }
+        }
+        if !report.removed.is_empty() {
+            tracing::info!(network, removed = report.removed.len(), "CNI GC");
+        }
+        report
+    }
+}
+
+/// A container ID and interface name as CNI allows them (libcni's validators): the ID
+/// alphanumeric plus `_.-`, starting alphanumeric; the name 1-15 bytes, not `.`/`..`, no `/`,
+/// `:` or whitespace.
+pub fn validate_attachment(a: &CniAttachment) -> Result<(), String> {
+    let id = &a.container_id;
+    let id_ok = id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if !id_ok {
+        return Err(format!(
+            "container ID {id:?} must start with a letter or digit and hold only letters, digits, '_', '.' or '-'"
+        ));
+    }
+    let n = &a.ifname;
+    if n.is_empty()
+        || n.len() > 15
+        || n == "."
+        || n == ".."
+        || n.bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
+    {
+        return Err(format!(
+            "interface name {n:?} must be 1-15 bytes, not '.' or '..', without '/', ':' or spaces"
+        ));
+    }
+    if a.network.is_empty() {
+        return Err("the CNI network name is empty".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

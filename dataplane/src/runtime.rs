@@ -1,5 +1,5 @@
 //! What the agent does once it has started: serve the API and `/metrics`, re-read the services
-//! file, and stop on SIGTERM/SIGINT or after `uninstall`. Stopping leaves everything pinned and
+//! file, apply the CNI queue, and stop on SIGTERM/SIGINT or after `uninstall`. Stopping leaves everything pinned and
 //! attached, so established connections are not disturbed.
 
 use std::{
@@ -11,8 +11,8 @@ use std::{
 
 use crate::{Error, Result, agent::Agent, metrics, server};
 
-/// How often the services file is checked for changes.
-pub const SERVICES_POLL: Duration = Duration::from_millis(500);
+/// How often the services file and the CNI queue are checked for changes.
+pub const INPUTS_POLL: Duration = Duration::from_millis(500);
 
 /// Where the running agent listens.
 #[derive(Clone, Debug)]
@@ -34,7 +34,6 @@ pub fn run(agent: Agent, listen: &Listen) -> Result<()> {
 }
 
 async fn serve(agent: Agent, listen: &Listen) -> Result<()> {
-    let watch_services = agent.watches_services();
     let agent = Arc::new(Mutex::new(agent));
     let api = server::bind(&listen.api_socket)?;
     let metrics_listener = tokio::net::TcpListener::bind(listen.metrics_addr)
@@ -51,20 +50,23 @@ async fn serve(agent: Agent, listen: &Listen) -> Result<()> {
     tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
     let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(server::serve(api, agent.clone(), done_tx));
-    if watch_services {
+    {
         let agent = agent.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SERVICES_POLL);
+            let mut tick = tokio::time::interval(INPUTS_POLL);
             loop {
                 tick.tick().await;
                 let agent = agent.clone();
                 let polled = tokio::task::spawn_blocking(move || match agent.lock() {
-                    Ok(mut a) => a.poll_services(),
-                    Err(_) => tracing::error!("agent state poisoned; services not polled"),
+                    Ok(mut a) => {
+                        a.poll_services();
+                        a.drain_cni_queue();
+                    }
+                    Err(_) => tracing::error!("agent state poisoned; inputs not polled"),
                 })
                 .await;
                 if let Err(e) = polled {
-                    tracing::error!(error = %e, "polling the services file");
+                    tracing::error!(error = %e, "polling the services file and the CNI queue");
                 }
             }
         });

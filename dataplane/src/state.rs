@@ -45,10 +45,17 @@ impl State {
     /// agent refuses to start rather than forget pods silently).
     pub fn load(path: &Path) -> Result<State> {
         match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::State {
-                path: path.into(),
-                msg: format!("line {} column {}: {e}", e.line(), e.column()),
-            }),
+            Ok(text) => {
+                let mut s: State = serde_json::from_str(&text).map_err(|e| Error::State {
+                    path: path.into(),
+                    msg: format!("line {} column {}: {e}", e.line(), e.column()),
+                })?;
+                // State files from before the mode was recorded: it follows the sidecar.
+                for p in &mut s.pods {
+                    p.mode = meshlane_api::types::PodMode::of(p.sidecar.as_ref());
+                }
+                Ok(s)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
             Err(e) => Err(Error::io("reading the state file", path, e)),
         }
@@ -90,6 +97,8 @@ mod tests {
             netns_cookie: 42,
             ips: vec!["10.0.0.2".parse().unwrap()],
             sidecar: Some(SidecarSpec::default()),
+            mode: meshlane_api::types::PodMode::Sidecar,
+            cni: None,
         });
         s.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), s);

@@ -5,11 +5,9 @@
 #
 # Caches live where the machine keeps them, outside any clone: cargo-installed tools in
 # ~/.cargo/bin, everything else the set-up builds under $MESHLANE_CACHE. Go-built test tools
-# (cnitool v1.3.1, the reference CNI plugins v1.10.0, kube-apiserver; recipes in the design
-# notes' "Facts verified") will get one helper here when the first of them is needed:
-#   go_install_cached NAME MODULE@VERSION  →  $MESHLANE_CACHE/bin/NAME-VERSION, built once with
-#   GOCACHE=$MESHLANE_CACHE/go/build and GOMODCACHE=$MESHLANE_CACHE/go/mod,
-# and one call per tool in deploy/setup-tests.sh.
+# (cnitool v1.3.1, the reference CNI plugins v1.10.0; recipes in the design notes' "Facts
+# verified") come from go_install_cached / go_install_cni_plugins below, one call per tool in
+# deploy/setup-tests.sh.
 
 MESHLANE_CACHE=${MESHLANE_CACHE:-/var/cache/meshlane}
 export DEBIAN_FRONTEND=noninteractive
@@ -116,6 +114,93 @@ ensure_bpffs() {
   mkdir -p /sys/fs/bpf
   mount -t bpf bpf /sys/fs/bpf
   INSTALLED+=(bpffs)
+}
+
+# Go from /usr/local/go (Go 1.26.8 on these machines), never a toolchain it would download.
+GO=${GO:-/usr/local/go/bin/go}
+
+_need_go() {
+  if [ ! -x "$GO" ]; then
+    log "Go not found at $GO: building $1 needs Go (1.26.8 is installed at /usr/local/go; or set GO=)"
+    exit 1
+  fi
+}
+
+# _go_install_into DIR PACKAGE@VERSION...: `go install` into DIR (GOBIN) with the caches under
+# $MESHLANE_CACHE/go, -trimpath and CGO off; modules come from the Go module proxy (GOPROXY as
+# configured, proxy.golang.org by default). Removes DIR and exits the set-up when it fails.
+_go_install_into() {
+  local dir=$1
+  shift
+  mkdir -p "$MESHLANE_CACHE/go/build" "$MESHLANE_CACHE/go/mod"
+  if ! GOCACHE="$MESHLANE_CACHE/go/build" GOMODCACHE="$MESHLANE_CACHE/go/mod" GOBIN="$dir" \
+    GOFLAGS=-trimpath CGO_ENABLED=0 GOTOOLCHAIN=local GO111MODULE=on \
+    "$GO" install "$@"; then
+    rm -rf "$dir"
+    log "go install $* failed (is the Go module proxy reachable?)"
+    exit 1
+  fi
+}
+
+# go_install_cached NAME MODULE@VERSION: $MESHLANE_CACHE/bin/NAME-VERSION, built once per version
+# (`go install MODULE@VERSION`; the package's last path element must be NAME), plus the stable
+# symlink $MESHLANE_CACHE/bin/NAME -> NAME-VERSION. It is built in a temporary GOBIN beside the
+# target and renamed into place, so an interrupted build never leaves a half binary.
+go_install_cached() {
+  local name=$1 pkg=$2 version bin tmp
+  version=${pkg##*@}
+  bin="$MESHLANE_CACHE/bin"
+  if [ ! -x "$bin/$name-$version" ]; then
+    _need_go "$name $version"
+    log "building $name $version from the Go module proxy ($pkg)"
+    mkdir -p "$bin"
+    rm -rf "$bin/.tmp-$name-$version".*     # left by an interrupted run
+    tmp=$(mktemp -d "$bin/.tmp-$name-$version.XXXXXX")
+    _go_install_into "$tmp" "$pkg"
+    if [ ! -x "$tmp/$name" ]; then
+      log "go install $pkg made no binary named $name (it made: $(ls "$tmp"))"
+      rm -rf "$tmp"
+      exit 1
+    fi
+    mv -f "$tmp/$name" "$bin/$name-$version"
+    rmdir "$tmp"
+    INSTALLED+=("$name-$version")
+  else
+    log "present: $name $version ($bin/$name-$version)"
+  fi
+  if [ "$(readlink "$bin/$name" 2>/dev/null)" != "$name-$version" ]; then
+    ln -sfn "$name-$version" "$bin/$name.tmp"
+    mv -Tf "$bin/$name.tmp" "$bin/$name"
+  fi
+}
+
+# go_install_cni_plugins MODULE VERSION PLUGIN...: a CNI bin dir $MESHLANE_CACHE/cni/VERSION/
+# holding the PLUGINs (package paths inside MODULE, e.g. plugins/main/bridge), built once per
+# version in one `go install`. The whole directory is built beside the target and renamed into
+# place; one that lacks a requested plugin is rebuilt.
+go_install_cni_plugins() {
+  local module=$1 version=$2 dir tmp p missing=() pkgs=()
+  shift 2
+  dir="$MESHLANE_CACHE/cni/$version"
+  for p in "$@"; do
+    [ -x "$dir/${p##*/}" ] || missing+=("${p##*/}")
+    pkgs+=("$module/$p@$version")
+  done
+  if [ "${#missing[@]}" -eq 0 ]; then
+    log "present: CNI plugins $version ($dir: ${*##*/})"
+    return
+  fi
+  _need_go "the CNI plugins $version"
+  log "building CNI plugins $version from the Go module proxy (${*##*/})"
+  mkdir -p "$MESHLANE_CACHE/cni"
+  rm -rf "$MESHLANE_CACHE/cni/.tmp-$version".*  # left by an interrupted run
+  tmp=$(mktemp -d "$MESHLANE_CACHE/cni/.tmp-$version.XXXXXX")
+  chmod 755 "$tmp"
+  _go_install_into "$tmp" "${pkgs[@]}"
+  if [ -e "$dir" ]; then rm -rf "$dir.old" && mv "$dir" "$dir.old"; fi
+  mv "$tmp" "$dir"
+  rm -rf "$dir.old"
+  INSTALLED+=("cni-plugins-$version")
 }
 
 # setup_done: the closing line, saying whether anything had to be done.

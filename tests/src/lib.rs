@@ -29,6 +29,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use meshlane_api::{Client, Request};
 use serde_json::Value;
 
+pub mod cni;
 pub mod probe;
 pub mod svc;
 
@@ -271,7 +272,8 @@ pub fn cleanup_stale() {
 }
 
 impl Lab {
-    /// A new, empty lab: its node namespace with a bridge, its cgroup, its directory.
+    /// A new, empty lab: its node namespace, its cgroup, its directory, and its CNI network
+    /// (the bridge appears with the first pod).
     pub fn new() -> Result<Lab> {
         if !nix::unistd::geteuid().is_root() {
             bail!("the lab needs root (network namespaces, cgroups, BPF)");
@@ -298,8 +300,7 @@ impl Lab {
         };
         ip(&["netns", "add", &lab.node_ns])?;
         ip(&["-n", &lab.node_ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &lab.node_ns, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &lab.node_ns, "link", "set", "br0", "up"])?;
+        cni::write_network(&lab)?;
         Ok(lab)
     }
 
@@ -330,69 +331,44 @@ impl Lab {
         Ok(guard)
     }
 
-    /// Adds a pod on the bridge with the next addresses (10.77.0.10+n, fd77::10+n).
+    /// Adds a pod through the lab's CNI chain (bridge + host-local + portmap + meshlane, run
+    /// by cnitool, the libcni runtime): its addresses come from host-local in order
+    /// (10.77.0.10+n, fd77::a+n). The meshlane plugin leaves it alone (`MESHLANE_MODE=off`);
+    /// tests enroll it through the API when they want to.
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
-        let n = self.pods.len() as u8 + 10;
+        self.add_pod_with(name, &[("MESHLANE_MODE", "off")])
+    }
+
+    /// Adds a pod through the lab's CNI chain with these `CNI_ARGS` (besides the pod's
+    /// Kubernetes namespace `lab` and name).
+    pub fn add_pod_with(&mut self, name: &str, cni_args: &[(&str, &str)]) -> Result<Pod> {
         let netns = format!("{}-{name}", self.id);
-        let host_veth = format!("v{n}");
         ip(&["netns", "add", &netns])?;
-        ip(&[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &host_veth,
-            "netns",
-            &self.node_ns,
-        ])?;
-        let ip4: Ipv4Addr = format!("{SUBNET4}.{n}").parse()?;
-        let ip6: Ipv6Addr = format!("{SUBNET6}{n:x}").parse()?;
+        let netns_path = PathBuf::from("/run/netns").join(&netns);
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip4}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &self.node_ns,
-            "link",
-            "set",
-            &host_veth,
-            "master",
-            "br0",
-            "up",
-        ])?;
+        // No duplicate address detection: a pod's IPv6 address is usable at once, as in a
+        // cluster whose runtime sets the same sysctls.
+        for conf in ["all", "default"] {
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &netns,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{conf}.accept_dad=0"),
+            ]))?;
+        }
+        let added = cni::add(self, &netns_path, name, cni_args)?;
         let cgroup = self.cgroup.join(name);
         std::fs::create_dir_all(&cgroup)?;
         let pod = Pod {
             name: name.into(),
-            netns_path: PathBuf::from("/run/netns").join(&netns),
+            netns_path,
             netns,
             cgroup,
-            ip: ip4,
-            ip6,
-            host_veth,
+            ip: added.ip4,
+            ip6: added.ip6,
+            host_veth: added.host_veth,
         };
         self.pods.push(pod.clone());
         Ok(pod)
@@ -430,6 +406,11 @@ impl Lab {
         ))
     }
 
+    /// The CNI queue of this lab's agent (and of the plugin in this lab's chain).
+    pub fn cni_queue_dir(&self) -> PathBuf {
+        self.dir.join("cni-queue")
+    }
+
     /// Starts an agent on this lab's cgroup with its own bpffs, API socket and state file.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
         if self.agent.is_some() {
@@ -450,6 +431,8 @@ impl Lab {
             state.display().to_string(),
             "--metrics-addr".into(),
             "127.0.0.1:0".into(),
+            "--cni-queue-dir".into(),
+            self.cni_queue_dir().display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let _ = std::fs::remove_file(&api);
@@ -556,6 +539,7 @@ impl Lab {
             ips: vec![pod.ip.into(), pod.ip6.into()],
             name: Some(format!("lab/{}", pod.name)),
             sidecar,
+            cni: None,
         })
     }
 
@@ -563,6 +547,7 @@ impl Lab {
         self.call(&Request::PodDel {
             netns: Some(pod.netns_path.clone()),
             name: None,
+            attachment: None,
         })
     }
 
@@ -656,7 +641,10 @@ impl Lab {
             let _ = a.child.wait();
         }
         remove_cgroup_tree(&self.cgroup);
-        for p in self.pods.drain(..) {
+        for p in std::mem::take(&mut self.pods) {
+            if let Err(e) = cni::del(self, &p.netns_path) {
+                eprintln!("lab teardown: CNI DEL of pod {}: {e:#}", p.name);
+            }
             let _ = Command::new("ip").args(["netns", "del", &p.netns]).output();
         }
         let _ = Command::new("ip")
@@ -705,6 +693,17 @@ fn in_cgroup_and_netns(
         });
     }
     Ok(cmd)
+}
+
+/// Entries of one of the lab agent's pinned maps, as bpftool dumps them (evidence we do not
+/// produce ourselves).
+pub fn map_entries(lab: &Lab, name: &str) -> Result<usize> {
+    let path = lab.agent().bpffs.join("v1/maps").join(name);
+    let out = run(Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path))?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array().map_or(0, Vec::len))
 }
 
 /// Reads lines from a child's stdout until one satisfies `f`, or the timeout passes. Returns the

@@ -3,7 +3,19 @@
 //! The client sends N bytes of a position-dependent pattern (so a lost, duplicated or reordered
 //! byte is caught, not just a short count), then `shutdown(SHUT_WR)`. The server reads to EOF,
 //! checking every byte, and answers with one line: `RESULT <bytes> <pattern-ok 0|1> <tag>`. In
-//! duplex mode the server first streams D pattern bytes back while it reads.
+//! duplex mode the server first streams D pattern bytes back while it reads. Below: running it
+//! in lab pods.
+
+use std::{
+    net::SocketAddr,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::{Lab, Pod, spawn_piped, wait_for_line};
 
 /// Byte `i` of every stream.
 #[inline]
@@ -58,6 +70,87 @@ impl Verdict {
             tag: if tag == "-" { String::new() } else { tag },
         })
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driving `ml-probe` in lab pods.
+
+/// A running `ml-probe serve` in a pod (or in the host netns when `pod` is None).
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+pub fn serve(lab: &Lab, pod: Option<&Pod>, listen: &str, extra: &[&str]) -> Result<Server> {
+    let mut cmd = match pod {
+        Some(p) => lab.cmd(p, crate::bin("ml-probe")?)?,
+        None => lab.host_cmd(crate::bin("ml-probe")?)?,
+    };
+    cmd.args(["serve", "--listen", listen]).args(extra);
+    let mut child = spawn_piped(&mut cmd)?;
+    let (line, lines) = wait_for_line(&mut child, Duration::from_secs(10), |l| {
+        l.starts_with("listening ")
+    })?;
+    let addr = line["listening ".len()..].parse()?;
+    Ok(Server { child, addr, lines })
+}
+
+impl Server {
+    /// Waits for the server to finish and returns its summary.
+    pub fn finish(mut self, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                let mut stderr = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read as _;
+                    e.read_to_string(&mut stderr)?;
+                }
+                let lines: Vec<String> =
+                    std::iter::from_fn(|| self.lines.recv_timeout(Duration::from_secs(2)).ok())
+                        .collect();
+                let last = lines.last().map(String::as_str).unwrap_or("");
+                if !st.success() {
+                    bail!("server failed ({st}): {last} {stderr}");
+                }
+                return serde_json::from_str(last)
+                    .with_context(|| format!("server output {lines:?} {stderr}"));
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("server still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `ml-probe send` in a pod and returns its summary; fails if any connection was not exact.
+pub fn send(lab: &Lab, pod: Option<&Pod>, to: SocketAddr, args: &[&str]) -> Result<Value> {
+    let mut cmd = match pod {
+        Some(p) => lab.cmd(p, crate::bin("ml-probe")?)?,
+        None => lab.host_cmd(crate::bin("ml-probe")?)?,
+    };
+    let out = cmd
+        .args(["send", "--to", &to.to_string()])
+        .args(args)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "send to {to} {args:?} failed: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_str(stdout.lines().last().unwrap_or(""))?)
 }
 
 #[cfg(test)]

@@ -5,13 +5,17 @@
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use meshlane_api::{ErrorKind, Request, types::SidecarSpec};
-use meshlane_lab::{Lab, Pod, bin, spawn_piped, wait_for_line};
+use meshlane_lab::{
+    Lab, Pod, bin, map_entries,
+    probe::{send, serve},
+    spawn_piped,
+};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -22,84 +26,6 @@ fn probe() -> std::path::PathBuf {
 
 fn lab(names: &[&str], enroll: bool, agent_args: &[&str]) -> Result<Lab> {
     Lab::with_agent(names, enroll, agent_args)
-}
-
-/// A running `ml-probe serve` in a pod (or in the host netns when `pod` is None).
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-fn serve(lab: &Lab, pod: Option<&Pod>, listen: &str, extra: &[&str]) -> Result<Server> {
-    let mut cmd = match pod {
-        Some(p) => lab.cmd(p, probe())?,
-        None => lab.host_cmd(probe())?,
-    };
-    cmd.args(["serve", "--listen", listen]).args(extra);
-    let mut child = spawn_piped(&mut cmd)?;
-    let (line, lines) = wait_for_line(&mut child, Duration::from_secs(10), |l| {
-        l.starts_with("listening ")
-    })?;
-    let addr = line["listening ".len()..].parse()?;
-    Ok(Server { child, addr, lines })
-}
-
-impl Server {
-    /// Waits for the server to finish and returns its summary.
-    fn finish(mut self, timeout: Duration) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                let mut stderr = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read as _;
-                    e.read_to_string(&mut stderr)?;
-                }
-                let lines: Vec<String> =
-                    std::iter::from_fn(|| self.lines.recv_timeout(Duration::from_secs(2)).ok())
-                        .collect();
-                let last = lines.last().map(String::as_str).unwrap_or("");
-                if !st.success() {
-                    bail!("server failed ({st}): {last} {stderr}");
-                }
-                return serde_json::from_str(last)
-                    .with_context(|| format!("server output {lines:?} {stderr}"));
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                bail!("server still running after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `ml-probe send` in a pod and returns its summary; fails if any connection was not exact.
-fn send(lab: &Lab, pod: Option<&Pod>, to: SocketAddr, args: &[&str]) -> Result<Value> {
-    let mut cmd = match pod {
-        Some(p) => lab.cmd(p, probe())?,
-        None => lab.host_cmd(probe())?,
-    };
-    let out = cmd
-        .args(["send", "--to", &to.to_string()])
-        .args(args)
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "send to {to} {args:?} failed: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(serde_json::from_str(stdout.lines().last().unwrap_or(""))?)
 }
 
 fn addr(ip: impl Into<std::net::IpAddr>, port: u16) -> String {
@@ -476,6 +402,7 @@ fn identical_loopback_tuples_in_two_pods_never_meet() -> Result<()> {
             ips: vec!["10.77.0.99".parse()?],
             name: None,
             sidecar: None,
+            cni: None,
         })
         .expect_err("enrolling the host netns must fail");
     assert!(err.to_string().contains("host"), "{err}");
@@ -682,17 +609,6 @@ fn kill_switch_turns_redirect_off_and_on() -> Result<()> {
 }
 
 /// Entries of a pinned map, as bpftool sees them.
-fn map_entries(lab: &Lab, name: &str) -> Result<usize> {
-    let path = lab.agent().bpffs.join("v1/maps").join(name);
-    let out = meshlane_lab::run(
-        Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(&path),
-    )?;
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v.as_array().map_or(0, Vec::len))
-}
-
 #[test]
 fn bad_input_gets_a_clear_error_and_changes_nothing() -> Result<()> {
     let mut lab = lab(&["a"], false, &[])?;
