@@ -261,11 +261,26 @@ pub fn cleanup_stale() {
             }
         }
     }
+    let mut live_labs = 0;
     if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if owner_pid(&name).is_some_and(|p| !pid_alive(p)) {
-                remove_lab_dir(&e.path());
+            match owner_pid(&name) {
+                Some(p) if !pid_alive(p) => remove_lab_dir(&e.path()),
+                Some(_) => live_labs += 1,
+                None => {}
+            }
+        }
+    }
+    // cnitool keeps libcni's result cache in the host's /var/lib/cni (it has no flag for
+    // another place); a lab's DEL removes its entries, a crashed lab's stay. With no lab alive,
+    // every entry of the lab network is stale.
+    if live_labs == 0
+        && let Ok(rd) = std::fs::read_dir("/var/lib/cni/results")
+    {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&format!("{}-", cni::NETWORK)) {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
