@@ -13,8 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     types::{
-        Accel, AttachmentRef, CniAttachment, GcReport, Pod, Services, SidecarSpec, SocketInfo,
-        Status, Uninstalled,
+        Accel, AttachmentRef, GcReport, Pod, Services, SidecarSpec, SocketInfo, Status, Uninstalled,
     },
     wire::{ErrorKind, Refusal, Request, Response},
 };
@@ -157,32 +156,6 @@ impl Client {
             netns,
             name,
             attachment: None,
-        })
-    }
-
-    /// The CNI plugin's enrollment of a container's interface.
-    pub fn pod_add_attachment(
-        &mut self,
-        netns: PathBuf,
-        ips: Vec<IpAddr>,
-        name: Option<String>,
-        sidecar: Option<SidecarSpec>,
-        cni: CniAttachment,
-    ) -> Result<Pod> {
-        self.call(&Request::PodAdd {
-            netns,
-            ips,
-            name,
-            sidecar,
-            cni: Some(cni),
-        })
-    }
-
-    pub fn pod_del_attachment(&mut self, attachment: AttachmentRef) -> Result<Pod> {
-        self.call(&Request::PodDel {
-            netns: None,
-            name: None,
-            attachment: Some(attachment),
         })
     }
 

@@ -11,10 +11,9 @@
 //! `uninstall` writes back byte for byte. libcni's `ConfFiles` skips directories and does not
 //! recurse, so nothing under `.meshlane/` is ever loaded as a network configuration.
 //!
-//! Assumption: the documents are handled as `serde_json::Value`. Without serde_json's
-//! `preserve_order` feature its maps are sorted by key, so a rewritten file keeps every key and
-//! value and the order of `plugins`, but not the order of the keys inside objects. With the
-//! feature on, the order is kept too; nothing here needs changing for that.
+//! The documents are handled as `serde_json::Value`; the workspace builds serde_json with
+//! `preserve_order`, so a rewritten file keeps every key, value and their order, and the order
+//! of `plugins`.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions, Permissions};

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{Lab, bin};
+use crate::{Lab, bin, succeeded};
 
 /// The lab network's name (the conflist's `name`).
 pub const NETWORK: &str = "mlab";
@@ -179,16 +179,10 @@ pub fn k8s_args(name: &str, extra: &[(&str, &str)]) -> String {
 
 /// ADD through the chain of `net`; fails with cnitool's output when the chain fails.
 pub fn add_to(lab: &Lab, net: &Network, netns: &Path, cni_args: &str) -> Result<Added> {
-    let out = cnitool_run(lab, net, "add", Some(netns), cni_args)?;
-    if !out.status.success() {
-        bail!(
-            "cnitool add {} failed ({}): {}{}",
-            netns.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let out = succeeded(
+        cnitool_run(lab, net, "add", Some(netns), cni_args)?,
+        format!("cnitool add {}", netns.display()),
+    )?;
     let result: Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "cnitool add printed {}",
@@ -233,15 +227,9 @@ pub fn del_pod(lab: &Lab, pod: &crate::Pod) -> Result<()> {
 
 /// DEL through the lab's chain.
 pub(crate) fn del(lab: &Lab, netns: &Path) -> Result<()> {
-    let out = cnitool_run(lab, &lab_network(lab), "del", Some(netns), "")?;
-    if !out.status.success() {
-        bail!(
-            "cnitool del {} failed ({}): {}{}",
-            netns.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    succeeded(
+        cnitool_run(lab, &lab_network(lab), "del", Some(netns), "")?,
+        format!("cnitool del {}", netns.display()),
+    )
+    .map(drop)
 }

@@ -73,12 +73,17 @@ pub struct Agent {
     pub args: Vec<String>,
 }
 
-/// Runs a command, failing with its stderr when it fails.
+/// Runs a command, failing with its output when it fails.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    succeeded(out, format!("{cmd:?}"))
+}
+
+/// A finished command's output, or an error with its status, stdout and stderr.
+pub fn succeeded(out: Output, what: impl std::fmt::Display) -> Result<Output> {
     if !out.status.success() {
         bail!(
-            "{cmd:?} failed ({}): {}{}",
+            "{what} failed ({}): {}{}",
             out.status,
             String::from_utf8_lossy(&out.stderr),
             String::from_utf8_lossy(&out.stdout)
@@ -279,7 +284,10 @@ pub fn cleanup_stale() {
         && let Ok(rd) = std::fs::read_dir("/var/lib/cni/results")
     {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&format!("{}-", cni::NETWORK)) {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{}-", cni::NETWORK))
+            {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -117,15 +117,13 @@ fn netns_del(path: &Path) {
 }
 
 fn cnitool_ok(out: Output, what: &str) -> Result<Output> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
+    meshlane_lab::succeeded(out, what)
+}
+
+/// GC as libcni calls it, with `extra` (the valid attachments, in either spelling).
+fn gc(lab: &Lab, extra: Value) -> Result<()> {
+    let out = invoke("GC", &[], &plugin_conf(lab, "1.1.0", extra).to_string())?;
+    cnitool_ok(out, "GC").map(drop)
 }
 
 /// ADD → accelerated between two CNI-made pods (the bridge veths carry almost nothing) →
@@ -214,16 +212,7 @@ fn the_chain_enrolls_checks_and_deletes_pods() -> Result<()> {
         )?;
     }
     // GC at the end of the sequence: nothing of this network is left to collect.
-    let gc = invoke(
-        "GC",
-        &[],
-        &plugin_conf(&lab, "1.1.0", json!({"cni.dev/valid-attachments": []})).to_string(),
-    )?;
-    assert!(
-        gc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&gc.stdout)
-    );
+    gc(&lab, json!({"cni.dev/valid-attachments": []}))?;
     assert_eq!(pods(&lab)?.len(), 0);
     assert_eq!(map_entries(&lab, "ML_NETNS")?, 0);
     // CHECK fails when the agent no longer has the pod.
@@ -250,6 +239,16 @@ fn the_chain_enrolls_checks_and_deletes_pods() -> Result<()> {
         cni::cnitool_run(&lab, &network, "del", Some(&c.netns_path), "")?,
         "cnitool del without a netns",
     )?;
+    // A pod asking for sidecar capture through CNI_ARGS gets it, with the network's settings
+    // (Istio's defaults here).
+    lab.add_pod_with("s", &[("MESHLANE_MODE", "sidecar")])?;
+    let s = pods(&lab)?
+        .into_iter()
+        .find(|p| p["name"] == "lab/s")
+        .context("the sidecar pod is not enrolled")?;
+    assert_eq!(s["mode"], "sidecar", "{s}");
+    assert_eq!(s["sidecar"]["outbound_port"], 15001, "{s}");
+    assert_eq!(s["sidecar"]["proxy_uid"], 1337, "{s}");
     // DEL of a container never seen, without prevResult, succeeds.
     let del = invoke(
         "DEL",
@@ -311,21 +310,10 @@ fn status_and_gc_at_1_1_0() -> Result<()> {
             .find(|p| p["name"] == "lab/p1")
             .context("p1")?
             .clone();
-        let gc = invoke(
-            "GC",
-            &[],
-            &plugin_conf(
-                &lab,
-                "1.1.0",
-                json!({"cni.dev/valid-attachments": [attachment(&p1)]}),
-            )
-            .to_string(),
+        gc(
+            &lab,
+            json!({"cni.dev/valid-attachments": [attachment(&p1)]}),
         )?;
-        assert!(
-            gc.status.success(),
-            "{}",
-            String::from_utf8_lossy(&gc.stdout)
-        );
         let names: Vec<Value> = pods(&lab)?.iter().map(|p| p["name"].clone()).collect();
         assert_eq!(names, vec![json!("lab/p1"), json!("lab/hand")]);
         // Another network's GC leaves this one's pods alone.
@@ -334,16 +322,7 @@ fn status_and_gc_at_1_1_0() -> Result<()> {
         let other = invoke("GC", &[], &other_net.to_string())?;
         assert!(other.status.success());
         assert_eq!(pods(&lab)?.len(), 2);
-        let gc = invoke(
-            "GC",
-            &[],
-            &plugin_conf(&lab, "1.1.0", json!({"cni.dev/attachments": []})).to_string(),
-        )?;
-        assert!(
-            gc.status.success(),
-            "{}",
-            String::from_utf8_lossy(&gc.stdout)
-        );
+        gc(&lab, json!({"cni.dev/attachments": []}))?;
         let names: Vec<Value> = pods(&lab)?.iter().map(|p| p["name"].clone()).collect();
         assert_eq!(
             names,
