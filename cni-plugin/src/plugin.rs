@@ -39,19 +39,32 @@ fn connect(conf: &PluginConf) -> Result<Client, ClientError> {
     Client::connect(&conf.agent_socket, AGENT_TIMEOUT)
 }
 
-/// Sends `req` to the agent, or queues it when the agent is away. `Ok(true)`: the agent took
-/// it; `Ok(false)`: queued.
-fn send_or_queue(conf: &PluginConf, req: &Request) -> Result<bool, String> {
+/// Whether requests are waiting in the queue: then a new one must wait behind them, or it could
+/// overtake them (a DEL sent at once while its container's ADD still waits would leave the ADD
+/// to enroll a deleted pod).
+fn queue_busy(conf: &PluginConf) -> bool {
+    queue::entries(&conf.queue_dir).is_ok_and(|e| !e.is_empty())
+}
+
+fn enqueue(conf: &PluginConf, req: &Request, why: &str) -> Result<(), String> {
+    match queue::enqueue(&conf.queue_dir, req) {
+        Ok(p) => {
+            log(format!("{why}; {} queued as {}", req.op(), p.display()));
+            Ok(())
+        }
+        Err(q) => Err(format!("{why}; and queueing {} failed: {q}", req.op())),
+    }
+}
+
+/// Sends `req` to the agent, or queues it when the agent is away or requests already wait.
+fn send_or_queue(conf: &PluginConf, req: &Request) -> Result<(), String> {
+    if queue_busy(conf) {
+        return enqueue(conf, req, "earlier requests wait in the queue");
+    }
     let sent = connect(conf).and_then(|mut c| c.call_json(req));
     match sent {
-        Ok(_) => Ok(true),
-        Err(e) if agent_away(&e) => match queue::enqueue(&conf.queue_dir, req) {
-            Ok(p) => {
-                log(format!("{e}; {} queued as {}", req.op(), p.display()));
-                Ok(false)
-            }
-            Err(q) => Err(format!("{e}; and queueing {} failed: {q}", req.op())),
-        },
+        Ok(_) => Ok(()),
+        Err(e) if agent_away(&e) => enqueue(conf, req, &e.to_string()),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -142,21 +155,19 @@ impl Cni for MeshlaneCni {
             name: None,
             attachment: Some(key),
         };
+        if queue_busy(&conf) {
+            // Nothing may be lost: the runtime retries a failed DEL.
+            return enqueue(&conf, &req, "earlier requests wait in the queue")
+                .map_err(Error::TryAgainLater);
+        }
         let sent = connect(&conf).and_then(|mut c| c.call_json(&req));
         match sent {
             Ok(_) => Ok(()),
             // Unknown containers, a second DEL, pods never enrolled: nothing to do.
             Err(e) if e.refusal_kind() == Some(ErrorKind::NotFound) => Ok(()),
-            Err(e) if agent_away(&e) => match queue::enqueue(&conf.queue_dir, &req) {
-                Ok(p) => {
-                    log(format!("{e}; DEL queued as {}", p.display()));
-                    Ok(())
-                }
-                // Nothing may be lost: the runtime retries a failed DEL.
-                Err(q) => Err(Error::TryAgainLater(format!(
-                    "{e}; and queueing the DEL failed: {q}"
-                ))),
-            },
+            Err(e) if agent_away(&e) => {
+                enqueue(&conf, &req, &e.to_string()).map_err(Error::TryAgainLater)
+            }
             Err(e) => Err(Error::Custom(
                 100,
                 "the agent refused the DEL".into(),
@@ -210,14 +221,16 @@ impl Cni for MeshlaneCni {
     fn gc(&self, args: Args) -> Result<(), Error> {
         let conf = plugin_conf(&args)?;
         let valid = valid_attachments(&args)?;
+        let network = args.config().name.clone();
         let req = Request::PodGc {
-            network: args.config().name.clone(),
-            valid,
+            network: network.clone(),
+            valid: valid.clone(),
         };
-        let sent = connect(&conf).and_then(|mut c| match &req {
-            Request::PodGc { network, valid } => c.pod_gc(network.clone(), valid.clone()),
-            _ => unreachable!("built above"),
-        });
+        if queue_busy(&conf) {
+            return enqueue(&conf, &req, "earlier requests wait in the queue")
+                .map_err(Error::TryAgainLater);
+        }
+        let sent = connect(&conf).and_then(|mut c| c.pod_gc(network, valid));
         match sent {
             Ok(report) => {
                 for e in &report.errors {
@@ -225,9 +238,9 @@ impl Cni for MeshlaneCni {
                 }
                 Ok(())
             }
-            Err(e) if agent_away(&e) => queue::enqueue(&conf.queue_dir, &req)
-                .map(|p| log(format!("{e}; GC queued as {}", p.display())))
-                .map_err(|q| Error::TryAgainLater(format!("{e}; and queueing the GC failed: {q}"))),
+            Err(e) if agent_away(&e) => {
+                enqueue(&conf, &req, &e.to_string()).map_err(Error::TryAgainLater)
+            }
             Err(e) => Err(Error::Custom(
                 100,
                 "the agent refused the GC".into(),

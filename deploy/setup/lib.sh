@@ -92,6 +92,13 @@ ensure_build_toolchain() {
     rustup toolchain install nightly --profile minimal
     INSTALLED+=(nightly)
   fi
+  # The eBPF crate is verified with this nightly (aya-ebpf 0.2.1, aya-build 0.2.0); another one
+  # may build or may not, so say so rather than fail a machine that has only another.
+  local want_nightly='1.97.0-nightly (e50aa6fba 2026-05-19)' have_nightly
+  have_nightly=$(rustc +nightly --version 2>/dev/null | sed 's/^rustc //')
+  if [ "$have_nightly" != "$want_nightly" ]; then
+    log "warning: nightly is '$have_nightly'; the eBPF crate is verified with '$want_nightly'"
+  fi
   if [ -d "$(rustc +nightly --print sysroot)/lib/rustlib/src/rust/library" ]; then
     log "present: nightly with rust-src"
   else

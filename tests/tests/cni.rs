@@ -433,6 +433,47 @@ fn an_agent_away_loses_nothing() -> Result<()> {
     let st = lab.call(&Request::Status)?;
     assert_eq!(st["cni_queue"]["failed"], 0, "{st}");
 
+    // A request never overtakes one that waits: an ADD waiting in the queue (written as the
+    // plugin writes it) and its DEL right after, with the agent running, leave no pod behind.
+    let late = netns_add(&lab, "late")?;
+    let waits = queue::enqueue(
+        &lab.cni_queue_dir(),
+        &Request::PodAdd {
+            netns: late.clone(),
+            ips: vec!["10.77.3.1".parse()?],
+            name: Some("lab/late".into()),
+            sidecar: None,
+            cni: Some(meshlane_api::types::CniAttachment {
+                container_id: "late-container".into(),
+                ifname: "eth0".into(),
+                network: NETWORK.into(),
+            }),
+        },
+    )?;
+    let del = invoke(
+        "DEL",
+        &[
+            ("CNI_CONTAINERID", "late-container"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", &late.display().to_string()),
+        ],
+        &plugin_conf(&lab, "1.0.0", json!({})).to_string(),
+    )?;
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stdout)
+    );
+    wait_until(Duration::from_secs(5), "the queue applied", || {
+        Ok(queue::entries(&lab.cni_queue_dir())?.is_empty())
+    })?;
+    netns_del(&late);
+    assert!(!waits.exists());
+    assert!(
+        !pods(&lab)?.iter().any(|p| p["name"] == "lab/late"),
+        "the DEL overtook the ADD that waited before it"
+    );
+
     // DEL while the agent is down: queued, applied when it is back.
     lab.stop_agent()?;
     cni::del_pod(&lab, &a)?;
