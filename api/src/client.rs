@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     types::{
-        Accel, AttachmentRef, GcReport, Pod, Services, SidecarSpec, SocketInfo, Status, Uninstalled,
+        Accel, AccelSpec, AttachmentRef, GcReport, Pod, Services, SidecarSpec, SocketInfo, Status,
+        Uninstalled,
     },
     wire::{ErrorKind, Refusal, Request, Response},
 };
@@ -141,12 +142,14 @@ impl Client {
         ips: Vec<IpAddr>,
         name: Option<String>,
         sidecar: Option<SidecarSpec>,
+        accel: Option<AccelSpec>,
     ) -> Result<Pod> {
         self.call(&Request::PodAdd {
             netns,
             ips,
             name,
             sidecar,
+            accel,
             cni: None,
         })
     }

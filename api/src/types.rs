@@ -31,6 +31,51 @@ pub struct Pod {
     /// The CNI attachment that enrolled the pod; none for a pod enrolled by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cni: Option<CniAttachment>,
+    /// What of the pod's traffic may take the fast path; none: all of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<AccelSpec>,
+}
+
+/// How much of a pod's same-node traffic may skip the stack. Workloads that read sockets with
+/// splice(2) (Go's `io.Copy` between TCP connections, for one) must be kept out: redirected
+/// bytes never reach a splice reader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccelSpec {
+    /// False: the pod is enrolled (Service translation, sidecar capture) but none of its
+    /// connections are redirected.
+    #[serde(default = "accel_enabled")]
+    pub enabled: bool,
+    /// Connections of the pod with one of these ports at either end stay on the stack.
+    #[serde(default)]
+    pub exclude_ports: Vec<u16>,
+}
+
+fn accel_enabled() -> bool {
+    true
+}
+
+impl AccelSpec {
+    /// Checks every field; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let ports = &self.exclude_ports;
+        let max = dataplane_common::MAX_NOACCEL_PORTS;
+        if ports.len() > max {
+            return Err(format!(
+                "accel.exclude_ports has {} ports; at most {max} are supported",
+                ports.len()
+            ));
+        }
+        for (i, p) in ports.iter().enumerate() {
+            if *p == 0 {
+                return Err(format!("accel.exclude_ports[{i}] is 0; ports are 1-65535"));
+            }
+            if ports[..i].contains(p) {
+                return Err(format!("accel.exclude_ports[{i}]: port {p} is given twice"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Pod {

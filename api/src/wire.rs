@@ -14,7 +14,7 @@ use std::{fmt, net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{AttachmentRef, CniAttachment, SidecarSpec};
+use crate::types::{AccelSpec, AttachmentRef, CniAttachment, SidecarSpec};
 
 /// Largest request line the agent reads; longer ones are refused (and drained up to
 /// [`MAX_DRAIN_BYTES`], so the refusal reaches a client that is still writing).
@@ -34,6 +34,9 @@ pub enum Request {
         /// Capture the pod's traffic for its sidecar proxy (Istio's model); absent: no capture.
         #[serde(default)]
         sidecar: Option<SidecarSpec>,
+        /// Keep all of the pod's traffic, or some ports, out of the fast path; absent: none.
+        #[serde(default)]
+        accel: Option<AccelSpec>,
         /// Set by the CNI plugin: the attachment this enrollment belongs to. Adding the same
         /// attachment for the same netns again answers the existing pod (CNI retries ADD).
         #[serde(default)]
@@ -192,6 +195,7 @@ mod tests {
                 ips: vec!["10.1.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
                 name: None,
                 sidecar: None,
+                accel: None,
                 cni: None,
             }
         );

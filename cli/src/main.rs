@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use meshlane_api::{
     Client, Request, defaults, pins, services,
-    types::{Pod, ServiceView, ServicesSummary, SidecarSpec, Status},
+    types::{AccelSpec, Pod, ServiceView, ServicesSummary, SidecarSpec, Status},
 };
 
 #[derive(Debug, Parser)]
@@ -118,6 +118,13 @@ enum PodCmd {
         name: Option<String>,
         #[command(flatten)]
         sidecar: SidecarArgs,
+        /// Enroll without the fast path: Service translation and sidecar capture only (for
+        /// workloads that read sockets with splice(2), such as Go's io.Copy proxies).
+        #[arg(long)]
+        no_accelerate: bool,
+        /// Ports whose connections stay on the stack, at either end (comma-separated).
+        #[arg(long, value_delimiter = ',', conflicts_with = "no_accelerate")]
+        exclude_accel_ports: Vec<u16>,
     },
     /// Remove a pod by netns path or by name.
     Del {
@@ -156,8 +163,15 @@ fn run() -> anyhow::Result<()> {
                 ips,
                 name,
                 sidecar,
+                no_accelerate,
+                exclude_accel_ports,
             } => {
-                let p = connect()?.pod_add(netns, ips, name, sidecar.spec())?;
+                let wanted = no_accelerate || !exclude_accel_ports.is_empty();
+                let accel = wanted.then_some(AccelSpec {
+                    enabled: !no_accelerate,
+                    exclude_ports: exclude_accel_ports,
+                });
+                let p = connect()?.pod_add(netns, ips, name, sidecar.spec(), accel)?;
                 println!("enrolled pod {}", p.id);
             }
             PodCmd::Del { netns, name } => {
@@ -246,8 +260,8 @@ fn onoff(b: bool) -> &'static str {
 
 fn print_pods(pods: &[Pod]) {
     println!(
-        "{:<4} {:<32} {:<10} {:<36} {:<24} IPS",
-        "ID", "NAME", "MODE", "NETNS", "CNI (CONTAINER/IFNAME)"
+        "{:<4} {:<32} {:<10} {:<18} {:<36} {:<24} IPS",
+        "ID", "NAME", "MODE", "FAST PATH", "NETNS", "CNI (CONTAINER/IFNAME)"
     );
     for p in pods {
         let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
@@ -258,11 +272,21 @@ fn print_pods(pods: &[Pod]) {
                 format!("{short}/{}", c.ifname)
             },
         );
+        let fast = match &p.accel {
+            None => "yes".to_string(),
+            Some(a) if !a.enabled => "no".to_string(),
+            Some(a) if a.exclude_ports.is_empty() => "yes".to_string(),
+            Some(a) => {
+                let ports: Vec<String> = a.exclude_ports.iter().map(ToString::to_string).collect();
+                format!("not {}", ports.join(","))
+            }
+        };
         println!(
-            "{:<4} {:<32} {:<10} {:<36} {:<24} {}",
+            "{:<4} {:<32} {:<10} {:<18} {:<36} {:<24} {}",
             p.id,
             p.name.as_deref().unwrap_or("-"),
             p.mode.to_string(),
+            fast,
             p.netns.display().to_string(),
             cni,
             ips.join(",")

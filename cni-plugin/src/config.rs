@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, path::PathBuf};
 
-use meshlane_api::types::SidecarSpec;
+use meshlane_api::types::{AccelSpec, SidecarSpec};
 use rscni_plugin::error::Error;
 use serde_json::Value;
 
@@ -43,10 +43,12 @@ pub struct PluginConf {
     pub mode: Mode,
     /// `sidecar`: capture settings for `sidecar` mode (Istio's defaults when absent).
     pub sidecar: SidecarSpec,
+    /// `accel`: what of the network's pods' traffic may take the fast path (all when absent).
+    pub accel: Option<AccelSpec>,
 }
 
 /// Keys of our plugin object besides the CNI standard ones.
-const KEYS: [&str; 4] = ["agentSocket", "queueDir", "mode", "sidecar"];
+const KEYS: [&str; 5] = ["agentSocket", "queueDir", "mode", "sidecar", "accel"];
 /// Keys the CNI runtime itself adds (the GC attachments' older spelling).
 const RUNTIME_PREFIX: &str = "cni.dev/";
 
@@ -99,11 +101,21 @@ impl PluginConf {
                 sc
             }
         };
+        let accel = match custom.get("accel") {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let a: AccelSpec = serde_json::from_value(v.clone())
+                    .map_err(|e| Error::InvalidNetworkConfig(format!("accel: {e}")))?;
+                a.validate().map_err(Error::InvalidNetworkConfig)?;
+                Some(a)
+            }
+        };
         Ok(PluginConf {
             agent_socket: path("agentSocket", meshlane_api::defaults::API_SOCKET)?,
             queue_dir: path("queueDir", meshlane_api::defaults::CNI_QUEUE_DIR)?,
             mode,
             sidecar,
+            accel,
         })
     }
 }
@@ -195,6 +207,11 @@ mod tests {
             ),
             (serde_json::json!({"sidecar": {"bogus": 1}}), "sidecar"),
             (serde_json::json!({"agentsocket": "/x"}), "agentsocket"),
+            (
+                serde_json::json!({"accel": {"exclude_ports": [0]}}),
+                "exclude_ports[0]",
+            ),
+            (serde_json::json!({"accel": {"enabled": "no"}}), "accel"),
         ] {
             let e = PluginConf::from_custom(&custom(conf.clone())).unwrap_err();
             assert!(matches!(e, Error::InvalidNetworkConfig(_)), "{conf}: {e:?}");

@@ -133,6 +133,7 @@ impl Cni for MeshlaneCni {
             ips,
             name: pod_name(&cni_args),
             sidecar: (mode == Mode::Sidecar).then(|| conf.sidecar.clone()),
+            accel: conf.accel.clone(),
             cni: Some(CniAttachment {
                 container_id: key.container_id,
                 ifname: key.ifname,

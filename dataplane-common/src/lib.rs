@@ -47,6 +47,9 @@ pub mod map_names {
     /// Reverse translation: [`super::RevNatKey`] (socket cookie + translated peer) → the address
     /// the application asked for (LRU); read by getpeername and UDP recvmsg.
     pub const REVNAT: &str = "ML_REVNAT";
+    /// Ports a pod keeps out of the fast path: [`super::PortKey`] → 1. Connections of that pod
+    /// with that port at either end are left to the stack (workloads that read with splice).
+    pub const NOACCEL_PORTS: &str = "ML_NOACCEL";
 }
 
 /// Program names (the kernel keeps 15 characters).
@@ -82,6 +85,10 @@ pub const MAX_TOTAL_BACKENDS: u32 = 65_536;
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
 pub const ORIG_CAPACITY: u32 = 65_536;
 pub const REVNAT_CAPACITY: u32 = 131_072;
+/// Excluded ports of all pods of a node.
+pub const NOACCEL_PORTS_CAPACITY: u32 = 16_384;
+/// Excluded ports one pod may have.
+pub const MAX_NOACCEL_PORTS: usize = 64;
 
 /// Capacity of the per-socket statistics for a given SOCKHASH capacity. A socket's statistics
 /// entry is created just before its SOCKHASH entry, so with equal capacities a full node would
@@ -295,6 +302,16 @@ pub struct RevNatKey {
 }
 const _: () = assert!(size_of::<RevNatKey>() == 32);
 
+/// A port of a pod's network namespace (host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortKey {
+    pub netns: u64,
+    pub port: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<PortKey>() == 16);
+
 /// A pod IP on this node and the network namespace it lives in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -455,6 +472,9 @@ counters! {
     /// A reverse-translation entry was found but holds an address of the other family than the
     /// call (getpeername, recvmsg): the kernel's address is shown.
     RevNatWrongFamily = 46, "revnat_wrong_family";
+    /// Established sockets not inserted: a port of the connection is one its pod (or the peer's
+    /// pod) keeps out of the fast path.
+    SockPortExcluded = 47, "sock_port_excluded";
 }
 
 /// Size of the counter array; a new reason needs a new index below it.
@@ -492,6 +512,7 @@ mod user {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for Sidecar {}
     unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for PortKey {}
 }
 
 #[cfg(test)]

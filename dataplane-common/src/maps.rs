@@ -13,9 +13,9 @@ use core::mem::size_of;
 
 use crate::{
     Addr, BACKENDS_CAPACITY, BackendKey, COUNTER_SLOTS, Config, ENDPOINTS_CAPACITY, Endpoint,
-    NETNS_CAPACITY, NetnsInfo, ORIG_CAPACITY, REVNAT_CAPACITY, RevNatKey, SERVICES_CAPACITY,
-    SOCK_STATS_CAPACITY, SOCKHASH_CAPACITY, Service, ServiceKey, ServiceStats, Sidecar, SockKey,
-    SockStats, map_names, sock_stats_capacity,
+    NETNS_CAPACITY, NOACCEL_PORTS_CAPACITY, NetnsInfo, ORIG_CAPACITY, PortKey, REVNAT_CAPACITY,
+    RevNatKey, SERVICES_CAPACITY, SOCK_STATS_CAPACITY, SOCKHASH_CAPACITY, Service, ServiceKey,
+    ServiceStats, Sidecar, SockKey, SockStats, map_names, sock_stats_capacity,
 };
 
 /// The kind of a map; the discriminant is the kernel's `enum bpf_map_type` value (what the ELF's
@@ -145,6 +145,8 @@ pub const ORIG_DST: MapSpec =
     MapSpec::new::<SockKey, Addr>(map_names::ORIG_DST, Lru, ORIG_CAPACITY);
 pub const REVNAT: MapSpec =
     MapSpec::new::<RevNatKey, Addr>(map_names::REVNAT, Lru, REVNAT_CAPACITY);
+pub const NOACCEL_PORTS: MapSpec =
+    MapSpec::new::<PortKey, u32>(map_names::NOACCEL_PORTS, H, NOACCEL_PORTS_CAPACITY);
 
 /// Every map of the ELF, one row each.
 pub const ALL: &[MapSpec] = &[
@@ -161,6 +163,7 @@ pub const ALL: &[MapSpec] = &[
     ORIG_PENDING,
     ORIG_DST,
     REVNAT,
+    NOACCEL_PORTS,
 ];
 
 /// The row of the map called `name`.
@@ -194,6 +197,7 @@ mod tests {
         map_names::ORIG_PENDING,
         map_names::ORIG_DST,
         map_names::REVNAT,
+        map_names::NOACCEL_PORTS,
     ];
 
     #[test]

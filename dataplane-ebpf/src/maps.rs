@@ -12,8 +12,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, Map, PerCpuArray, SockHash},
 };
 use dataplane_common::{
-    Addr, BackendKey, Config, Endpoint, NetnsInfo, RevNatKey, Service, ServiceKey, ServiceStats,
-    Sidecar, SockKey, SockStats,
+    Addr, BackendKey, Config, Endpoint, NetnsInfo, PortKey, RevNatKey, Service, ServiceKey,
+    ServiceStats, Sidecar, SockKey, SockStats,
     maps::{self, MapSpec},
 };
 
@@ -133,6 +133,9 @@ ml_maps! {
 
     /// Reverse translation for getpeername and UDP recvmsg. Written by connect and sendmsg.
     ML_REVNAT: LruHashMap<RevNatKey, Addr> = maps::REVNAT;
+
+    /// Ports pods keep out of the fast path. Written by the agent (pod add); read by sockops.
+    ML_NOACCEL: HashMap<PortKey, u32> = maps::NOACCEL_PORTS;
 }
 
 #[inline(always)]
@@ -185,4 +188,16 @@ pub fn evict(key: &dataplane_common::SockKey) {
         )
     };
     let _absent_is_fine: Result<(), i32> = ML_SOCK_STATS.remove(key);
+}
+
+/// Whether `port` is one the pod of `netns` keeps out of the fast path.
+#[inline(always)]
+pub fn port_excluded(netns: u64, port: u32) -> bool {
+    let key = PortKey {
+        netns,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: a hash lookup; only its presence is used.
+    unsafe { ML_NOACCEL.get(&key) }.is_some()
 }

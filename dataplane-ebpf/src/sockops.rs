@@ -20,7 +20,7 @@ use crate::{
     key::{raw_tuple, sock_key},
     maps::{
         ML_ENDPOINTS, ML_NETNS, ML_ORIG_DST, ML_ORIG_PENDING, ML_SOCK_STATS, ML_SOCKS,
-        accel_allowed, count, evict, peer_netns,
+        accel_allowed, count, evict, peer_netns, port_excluded,
     },
 };
 
@@ -146,6 +146,16 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
     }
     let peer = key.peer(peer_netns(&key).map_err(|_| Counter::SockPeerNotLocal)?);
     let passive = ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    // A port either pod keeps out of the fast path (a workload known to read with splice), at
+    // either end: the connection stays on the stack. The active side is established first and
+    // checks both pods, so it never joins alone.
+    if port_excluded(key.netns, key.local_port)
+        || port_excluded(key.netns, key.remote_port)
+        || port_excluded(peer.netns, key.local_port)
+        || port_excluded(peer.netns, key.remote_port)
+    {
+        return Err(Counter::SockPortExcluded);
+    }
     if passive {
         // SAFETY: a hash lookup; the value is copied out at once.
         match unsafe { ML_SOCK_STATS.get(&peer) }.copied() {

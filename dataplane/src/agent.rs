@@ -200,8 +200,9 @@ impl Agent {
                 ips,
                 name,
                 sidecar,
+                accel,
                 cni,
-            } => json!(self.pod_add(&netns, &ips, name, sidecar, cni)?),
+            } => json!(self.pod_add(&netns, &ips, name, sidecar, accel, cni)?),
             Request::PodDel {
                 netns,
                 name,

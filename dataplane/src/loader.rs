@@ -152,6 +152,7 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
         backends: take(&mut ebpf, map_names::BACKENDS)?,
         svc_stats: take(&mut ebpf, map_names::SVC_STATS)?,
         sidecars: take(&mut ebpf, map_names::SIDECARS)?,
+        noaccel: take(&mut ebpf, map_names::NOACCEL_PORTS)?,
     };
     Ok((
         Loaded {

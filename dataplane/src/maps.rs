@@ -4,8 +4,8 @@
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash};
 use dataplane_common::{
-    Addr, BackendKey, Config, Counter, Endpoint, NetnsInfo, Service, ServiceKey, ServiceStats,
-    Sidecar, SockKey, SockStats, map_names,
+    Addr, BackendKey, Config, Counter, Endpoint, NetnsInfo, PortKey, Service, ServiceKey,
+    ServiceStats, Sidecar, SockKey, SockStats, map_names,
 };
 
 use crate::{Error, Result};
@@ -22,6 +22,7 @@ pub struct Maps {
     pub(crate) backends: HashMap<MapData, BackendKey, Addr>,
     pub(crate) svc_stats: PerCpuArray<MapData, ServiceStats>,
     pub(crate) sidecars: HashMap<MapData, u64, Sidecar>,
+    pub(crate) noaccel: HashMap<MapData, PortKey, u32>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -222,5 +223,20 @@ impl Maps {
     /// Number of sockets currently in the SOCKHASH.
     pub fn sockhash_len(&self) -> Result<usize> {
         Ok(collect(self.socks.keys(), map_names::SOCKHASH)?.len())
+    }
+
+    pub fn put_noaccel(&mut self, key: PortKey) -> Result<()> {
+        self.noaccel.insert(key, 1, 0).map_err(|source| Error::Map {
+            name: map_names::NOACCEL_PORTS,
+            source,
+        })
+    }
+
+    pub fn del_noaccel(&mut self, key: &PortKey) -> Result<()> {
+        ignore_missing(self.noaccel.remove(key), map_names::NOACCEL_PORTS)
+    }
+
+    pub fn noaccel_keys(&self) -> Result<Vec<PortKey>> {
+        collect(self.noaccel.keys(), map_names::NOACCEL_PORTS)
     }
 }

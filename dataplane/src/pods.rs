@@ -9,9 +9,9 @@ use std::{
     path::Path,
 };
 
-use dataplane_common::{Endpoint, NetnsInfo, netns_flags};
+use dataplane_common::{Endpoint, NetnsInfo, PortKey, netns_flags};
 use meshlane_api::types::{
-    AttachmentRef, CniAttachment, GcReport, Pod, PodMode, SidecarSpec, validate_pod_ip,
+    AccelSpec, AttachmentRef, CniAttachment, GcReport, Pod, PodMode, SidecarSpec, validate_pod_ip,
     validate_pod_name,
 };
 
@@ -54,10 +54,30 @@ pub fn sidecar_map(spec: &SidecarSpec) -> dataplane_common::Sidecar {
     sc
 }
 
+fn port_key(netns: u64, port: u16) -> PortKey {
+    PortKey {
+        netns,
+        port: u32::from(port),
+        _pad: 0,
+    }
+}
+
 /// Writes a pod's entries: sidecar settings first, then its endpoints, then the netns entry that
 /// makes the programs act on its sockets.
 fn enroll_maps(maps: &mut Maps, pod: &Pod) -> Result<()> {
-    let mut flags = netns_flags::ACCELERATE;
+    let accel = pod.accel.as_ref();
+    let mut flags = if accel.is_none_or(|a| a.enabled) {
+        netns_flags::ACCELERATE
+    } else {
+        0
+    };
+    // Excluded ports before the netns entry that lets sockops insert the pod's sockets.
+    for &port in accel
+        .map(|a| a.exclude_ports.as_slice())
+        .unwrap_or_default()
+    {
+        maps.put_noaccel(port_key(pod.netns_cookie, port))?;
+    }
     if let Some(sc) = &pod.sidecar {
         // Settings before the flag that makes the programs look for them.
         maps.put_sidecar(pod.netns_cookie, sidecar_map(sc))?;
@@ -89,6 +109,16 @@ fn enroll_maps(maps: &mut Maps, pod: &Pod) -> Result<()> {
 fn unenroll_maps(maps: &mut Maps, pod: &Pod) {
     if let Err(e) = maps.del_netns(pod.netns_cookie) {
         tracing::warn!(error = %e, "removing the netns entry");
+    }
+    for &port in pod
+        .accel
+        .as_ref()
+        .map(|a| a.exclude_ports.as_slice())
+        .unwrap_or_default()
+    {
+        if let Err(e) = maps.del_noaccel(&port_key(pod.netns_cookie, port)) {
+            tracing::warn!(error = %e, "removing an excluded port");
+        }
     }
     if let Err(e) = maps.del_sidecar(pod.netns_cookie) {
         tracing::warn!(error = %e, "removing the sidecar entry");
@@ -133,6 +163,18 @@ impl Agent {
                 self.maps.del_sidecar(cookie)?;
             }
         }
+        for key in self.maps.noaccel_keys()? {
+            let owned = wanted.get(&key.netns).is_some_and(|p| {
+                p.accel.as_ref().is_some_and(|a| {
+                    a.exclude_ports
+                        .iter()
+                        .any(|&port| u32::from(port) == key.port)
+                })
+            });
+            if !owned {
+                self.maps.del_noaccel(&key)?;
+            }
+        }
         for p in &self.state.pods {
             enroll_maps(&mut self.maps, p)?;
         }
@@ -145,12 +187,16 @@ impl Agent {
         ips: &[IpAddr],
         name: Option<String>,
         sidecar: Option<SidecarSpec>,
+        accel: Option<AccelSpec>,
         cni: Option<CniAttachment>,
     ) -> Result<Pod> {
         let invalid = |m: String| Error::Invalid(format!("pod add: {m}"));
         let conflict = |m: String| Error::Conflict(format!("pod add: {m}"));
         if let Some(sc) = &sidecar {
             sc.validate().map_err(invalid)?;
+        }
+        if let Some(a) = &accel {
+            a.validate().map_err(invalid)?;
         }
         if let Some(c) = &cni {
             validate_attachment(c).map_err(invalid)?;
@@ -234,6 +280,7 @@ impl Agent {
             mode: PodMode::of(sidecar.as_ref()),
             sidecar,
             cni,
+            accel,
         };
         if let Err(e) = enroll_maps(&mut self.maps, &pod) {
             unenroll_maps(&mut self.maps, &pod);

@@ -99,6 +99,7 @@ mod tests {
             sidecar: Some(SidecarSpec::default()),
             mode: meshlane_api::types::PodMode::Sidecar,
             cni: None,
+            accel: None,
         });
         s.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), s);

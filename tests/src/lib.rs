@@ -562,6 +562,7 @@ impl Lab {
             ips: vec![pod.ip.into(), pod.ip6.into()],
             name: Some(format!("lab/{}", pod.name)),
             sidecar,
+            accel: None,
             cni: None,
         })
     }

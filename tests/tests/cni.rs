@@ -443,6 +443,7 @@ fn an_agent_away_loses_nothing() -> Result<()> {
             ips: vec!["10.77.3.1".parse()?],
             name: Some("lab/late".into()),
             sidecar: None,
+            accel: None,
             cni: Some(meshlane_api::types::CniAttachment {
                 container_id: "late-container".into(),
                 ifname: "eth0".into(),

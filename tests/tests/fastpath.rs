@@ -10,7 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use meshlane_api::{ErrorKind, Request, types::SidecarSpec};
+use meshlane_api::{
+    ErrorKind, Request,
+    types::{AccelSpec, SidecarSpec},
+};
 use meshlane_lab::{
     Lab, Pod, bin, map_entries,
     probe::{send, serve},
@@ -402,6 +405,7 @@ fn identical_loopback_tuples_in_two_pods_never_meet() -> Result<()> {
             ips: vec!["10.77.0.99".parse()?],
             name: None,
             sidecar: None,
+            accel: None,
             cni: None,
         })
         .expect_err("enrolling the host netns must fail");
@@ -520,6 +524,116 @@ fn agent_restart_keeps_connections_and_acceleration() -> Result<()> {
             "{how}: bpftool shows {progs}"
         );
     }
+    Ok(())
+}
+
+/// The opt-outs for workloads known to read with splice(2): a pod enrolled without the fast
+/// path, and ports a pod keeps off it at either end, stay on the stack (shown by the veth's own
+/// counters) while everything else of the node is accelerated; bad settings are refused.
+#[test]
+fn opt_outs_keep_a_pod_or_its_ports_off_the_fast_path() -> Result<()> {
+    let lab = lab(&["a", "b", "c"], false, &[])?;
+    let (a, b, c) = (
+        lab.pod("a").clone(),
+        lab.pod("b").clone(),
+        lab.pod("c").clone(),
+    );
+    let add = |p: &Pod, accel: Option<AccelSpec>| {
+        lab.call(&Request::PodAdd {
+            netns: p.netns_path.clone(),
+            ips: vec![p.ip.into(), p.ip6.into()],
+            name: Some(format!("lab/{}", p.name)),
+            sidecar: None,
+            accel,
+            cni: None,
+        })
+    };
+    for (bad, field) in [
+        (vec![0u16], "accel.exclude_ports[0]"),
+        (vec![80, 80], "given twice"),
+        ((1..=65).collect(), "at most 64"),
+    ] {
+        let err = add(
+            &c,
+            Some(AccelSpec {
+                enabled: true,
+                exclude_ports: bad,
+            }),
+        )
+        .expect_err("bad accel settings were accepted");
+        assert!(format!("{err:#}").contains(field), "{err:#}");
+    }
+    assert_eq!(lab.call(&Request::PodList)?, serde_json::json!([]));
+    add(&a, None)?;
+    let pb = add(
+        &b,
+        Some(AccelSpec {
+            enabled: false,
+            exclude_ports: vec![],
+        }),
+    )?;
+    assert_eq!(pb["accel"]["enabled"], false, "{pb}");
+    add(
+        &c,
+        Some(AccelSpec {
+            enabled: true,
+            exclude_ports: vec![7901],
+        }),
+    )?;
+
+    // One transfer from `from` to `to`:port: (bytes redirected, bytes through from's veth).
+    let transfer = |from: &Pod, to: &Pod, port: u16| -> Result<(u64, u64)> {
+        let (r0, v0) = (
+            lab.counter("bytes_redirected")?,
+            Lab::link_bytes(&lab.node_ns, &from.host_veth)?.1
+                + Lab::link_bytes(&lab.node_ns, &from.host_veth)?.0,
+        );
+        let srv = serve(&lab, Some(to), &addr(to.ip, port), &[])?;
+        send(
+            &lab,
+            Some(from),
+            srv.addr,
+            &["--bytes", &(8 * MIB).to_string()],
+        )?;
+        assert_eq!(srv.finish(Duration::from_secs(30))?["bytes"], 8 * MIB);
+        let v1 = Lab::link_bytes(&lab.node_ns, &from.host_veth)?;
+        Ok((lab.counter("bytes_redirected")? - r0, v1.0 + v1.1 - v0))
+    };
+    let excluded0 = lab.counter("sock_port_excluded")?;
+    for (what, from, to, port, accelerated) in [
+        ("a → b (b not accelerated)", &a, &b, 7900, false),
+        ("a → c:7901 (c's excluded port)", &a, &c, 7901, false),
+        (
+            "c → a:7901 (c's excluded port, as the client's)",
+            &c,
+            &a,
+            7901,
+            false,
+        ),
+        ("a → c:7902", &a, &c, 7902, true),
+        ("c → a:7903", &c, &a, 7903, true),
+    ] {
+        let (redirected, veth) = transfer(from, to, port)?;
+        if accelerated {
+            assert!(
+                redirected >= 8 * MIB && veth < 2 * MIB,
+                "{what}: {redirected} B redirected, {veth} B through the veth"
+            );
+        } else {
+            assert!(
+                redirected == 0 && veth >= 8 * MIB,
+                "{what}: {redirected} B redirected, {veth} B through the veth"
+            );
+        }
+    }
+    // Both ends of the two connections with the excluded port were counted.
+    assert!(
+        lab.counter("sock_port_excluded")? - excluded0 >= 3,
+        "sock_port_excluded did not count the excluded connections"
+    );
+    // Removing c removes its excluded port from the map.
+    lab.unenroll(&c)?;
+    assert_eq!(map_entries(&lab, "ML_NOACCEL")?, 0);
     Ok(())
 }
 
@@ -779,6 +893,7 @@ fn api_round_trip_per_operation_with_every_refusal_kind() -> Result<()> {
             vec![p.ip.into(), p.ip6.into()],
             Some(format!("lab/{}", p.name)),
             sc,
+            None,
         )
     };
     let pa = add(&mut api, &a, None)?;
@@ -849,7 +964,7 @@ fn api_round_trip_per_operation_with_every_refusal_kind() -> Result<()> {
     let kind = |r: Result<meshlane_api::types::Pod, meshlane_api::ClientError>| {
         r.err().and_then(|e| e.refusal_kind())
     };
-    let relative = api.pod_add("relative".into(), vec![c.ip.into()], None, None);
+    let relative = api.pod_add("relative".into(), vec![c.ip.into()], None, None, None);
     assert_eq!(kind(relative), Some(ErrorKind::InvalidInput));
     assert_eq!(
         kind(api.pod_del(None, Some("lab/nobody".into()))),
