@@ -30,6 +30,8 @@ apt_install "${BUILD_PKGS[@]}" iptables haproxy nginx-light wrk curl bpftool uti
   iputils-ping containernetworking-plugins
 ensure_build_toolchain
 go_install_cached cnitool github.com/containernetworking/cni/cnitool@v1.3.1
+# A plain Go io.Copy TCP proxy (reads with splice): the splice guard's test workload.
+go_build_cached goproxy "$(dirname "$0")/../tests/go/goproxy"
 go_install_cni_plugins github.com/containernetworking/plugins v1.10.0 \
   plugins/main/bridge plugins/ipam/host-local plugins/meta/portmap plugins/main/loopback
 ensure_bpffs

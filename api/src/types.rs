@@ -400,6 +400,26 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     /// The CNI plugin's queue, as the agent applies it.
     pub cni_queue: QueueSummary,
+    /// Whether pods that read with splice(2) are detected and kept off the fast path.
+    pub splice_guard: SpliceGuardStatus,
+}
+
+/// The splice guard in `meshlane status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpliceGuardStatus {
+    pub active: bool,
+    /// Which guard runs, and why the stronger ones do not.
+    pub detail: String,
+    /// Pods caught reading with splice or sendfile: their new connections stay on the stack.
+    pub pods: Vec<SplicePod>,
+}
+
+/// A pod the splice guard caught.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplicePod {
+    /// NAMESPACE/NAME, `pod-<id>`, or the netns cookie of a pod no longer enrolled.
+    pub pod: String,
+    pub detections: u64,
 }
 
 /// The CNI queue in `meshlane status`.

@@ -316,6 +316,18 @@ fn print_status(v: &Status) {
         println!("  {:<16} id {:<6} {}", p.name, p.id, p.attach);
     }
     println!("sidecar pods:  {}", v.sidecar_pods);
+    let g = &v.splice_guard;
+    println!(
+        "splice guard:  {} — {}",
+        if g.active { "active" } else { "OFF" },
+        g.detail
+    );
+    for p in &g.pods {
+        println!(
+            "  {} reads with splice ({} detections): its new connections stay on the stack",
+            p.pod, p.detections
+        );
+    }
     let q = &v.cni_queue;
     println!(
         "CNI queue:     {} waiting in {}, {} applied, {} refused (kept in failed/)",

@@ -50,10 +50,26 @@ pub mod map_names {
     /// Ports a pod keeps out of the fast path: [`super::PortKey`] → 1. Connections of that pod
     /// with that port at either end are left to the stack (workloads that read with splice).
     pub const NOACCEL_PORTS: &str = "ML_NOACCEL";
+    /// Threads inside a splice(2) or sendfile(2) call right now: pid_tgid → 1. Written by the
+    /// syscall tracepoints, read by the `tcp_rcv_space_adjust` tracepoint.
+    pub const SPLICING: &str = "ML_SPLICING";
+    /// The netns of every established socket of an enrolled pod: socket cookie → netns
+    /// cookie (LRU). Written by sockops, read by the splice detector.
+    pub const COOKIE_NETNS: &str = "ML_COOKIE_NETNS";
+    /// Pods seen reading a socket with splice(2)/sendfile(2): netns cookie → detections. Written
+    /// by the splice detector; read by sockops (their new connections stay on the stack) and
+    /// the agent (which removes a pod's entry with the pod).
+    pub const SPLICE_PODS: &str = "ML_SPLICE_PODS";
 }
 
 /// Program names (the kernel keeps 15 characters).
 pub mod program_names {
+    /// The splice guard's tracepoints.
+    pub const SPLICE_ENTER: &str = "ml_splice_in";
+    pub const SPLICE_EXIT: &str = "ml_splice_out";
+    pub const SENDFILE_ENTER: &str = "ml_sendfile_in";
+    pub const SENDFILE_EXIT: &str = "ml_sendfile_out";
+    pub const RCV_SPACE: &str = "ml_rcvspace";
     pub const SOCKOPS: &str = "ml_sockops";
     pub const SK_MSG: &str = "ml_sk_msg";
     pub const CONNECT4: &str = "ml_connect4";
@@ -87,6 +103,12 @@ pub const ORIG_CAPACITY: u32 = 65_536;
 pub const REVNAT_CAPACITY: u32 = 131_072;
 /// Excluded ports of all pods of a node.
 pub const NOACCEL_PORTS_CAPACITY: u32 = 16_384;
+/// Threads in splice/sendfile at once, and sockets whose netns the detector can find.
+pub const SPLICING_CAPACITY: u32 = 16_384;
+pub const COOKIE_NETNS_CAPACITY: u32 = 131_072;
+/// Offset of `sock_cookie` in the `tcp:tcp_rcv_space_adjust` record (Linux 6.x; the agent
+/// checks it against the tracepoint's format before attaching the detector).
+pub const RCV_SPACE_COOKIE_OFFSET: usize = 64;
 /// Excluded ports one pod may have.
 pub const MAX_NOACCEL_PORTS: usize = 64;
 
@@ -475,6 +497,16 @@ counters! {
     /// Established sockets not inserted: a port of the connection is one its pod (or the peer's
     /// pod) keeps out of the fast path.
     SockPortExcluded = 47, "sock_port_excluded";
+    /// A socket of an enrolled pod was read with splice(2) or sendfile(2): the pod's new
+    /// connections stay on the stack from now on.
+    SpliceDetected = 48, "splice_detected";
+    /// Established sockets not inserted: their pod, or the peer's, reads with splice.
+    SockSpliceReader = 49, "sock_splice_reader";
+    /// A socket's netns could not be recorded for the splice guard (its map is full of live
+    /// entries): a splice on it would go undetected.
+    SpliceCookieStoreError = 50, "splice_cookie_store_error";
+    /// A splice was detected but its pod could not be recorded (the map is full).
+    SplicePodStoreError = 51, "splice_pod_store_error";
 }
 
 /// Size of the counter array; a new reason needs a new index below it.

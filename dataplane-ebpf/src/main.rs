@@ -18,6 +18,7 @@ mod maps;
 mod sk_msg;
 mod sock_addr;
 mod sockops;
+mod splice;
 
 #[cfg(not(test))]
 #[panic_handler]

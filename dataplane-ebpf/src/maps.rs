@@ -136,6 +136,15 @@ ml_maps! {
 
     /// Ports pods keep out of the fast path. Written by the agent (pod add); read by sockops.
     ML_NOACCEL: HashMap<PortKey, u32> = maps::NOACCEL_PORTS;
+
+    /// Threads inside splice/sendfile. Written and read by the splice guard's tracepoints.
+    ML_SPLICING: HashMap<u64, u32> = maps::SPLICING;
+
+    /// Socket cookie → netns of enrolled pods' sockets. Written by sockops; read by the guard.
+    ML_COOKIE_NETNS: LruHashMap<u64, u64> = maps::COOKIE_NETNS;
+
+    /// Pods seen splicing. Written by the guard; read by sockops and the agent.
+    ML_SPLICE_PODS: HashMap<u64, u64> = maps::SPLICE_PODS;
 }
 
 #[inline(always)]

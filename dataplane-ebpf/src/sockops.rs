@@ -19,8 +19,8 @@ use dataplane_common::{Counter, SockKey, SockStats, is_loopback, netns_flags};
 use crate::{
     key::{raw_tuple, sock_key},
     maps::{
-        ML_ENDPOINTS, ML_NETNS, ML_ORIG_DST, ML_ORIG_PENDING, ML_SOCK_STATS, ML_SOCKS,
-        accel_allowed, count, evict, peer_netns, port_excluded,
+        ML_COOKIE_NETNS, ML_ENDPOINTS, ML_NETNS, ML_ORIG_DST, ML_ORIG_PENDING, ML_SOCK_STATS,
+        ML_SOCKS, ML_SPLICE_PODS, accel_allowed, count, evict, peer_netns, port_excluded,
     },
 };
 
@@ -137,6 +137,18 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
     let mut key = key_of(ctx).ok_or(Counter::SockUnsupportedFamily)?;
     // SAFETY: a hash lookup; the value is copied out at once.
     let info = unsafe { ML_NETNS.get(&key.netns) }.copied();
+    if info.is_some() {
+        // Every socket of an enrolled pod, accelerated or not, so the splice guard can tell
+        // which pod a spliced socket belongs to.
+        // SAFETY: bpf_get_socket_cookie is allowed for sock_ops.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        if ML_COOKIE_NETNS
+            .insert(&cookie, &key.netns, BPF_ANY as u64)
+            .is_err()
+        {
+            count(Counter::SpliceCookieStoreError, 1);
+        }
+    }
     let flags = match info {
         Some(info) if info.flags & netns_flags::ACCELERATE != 0 => info.flags,
         _ => return Err(Counter::SockNotEnrolled),
@@ -146,6 +158,14 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
     }
     let peer = key.peer(peer_netns(&key).map_err(|_| Counter::SockPeerNotLocal)?);
     let passive = ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    // A pod seen reading with splice (or the peer's pod) never gets redirected bytes again:
+    // splice(2) does not see them (see splice.rs).
+    // SAFETY: hash lookups; only presence is used.
+    if unsafe {
+        ML_SPLICE_PODS.get(&key.netns).is_some() || ML_SPLICE_PODS.get(&peer.netns).is_some()
+    } {
+        return Err(Counter::SockSpliceReader);
+    }
     // A port either pod keeps out of the fast path (a workload known to read with splice), at
     // either end: the connection stays on the stack. The active side is established first and
     // checks both pods, so it never joins alone.

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use dataplane_common::{ABI_VERSION, program_names};
 use meshlane_api::{
     Request,
-    types::{Accel, SelfTestReport, ServicesSummary, SocketInfo, Status, Uninstalled},
+    types::{
+        Accel, SelfTestReport, ServicesSummary, SocketInfo, SpliceGuardStatus, SplicePod, Status,
+        Uninstalled,
+    },
 };
 use serde_json::{Value, json};
 
@@ -296,6 +299,24 @@ impl Agent {
                 .map(|(c, v)| (c.name().to_string(), v))
                 .collect(),
             cni_queue: self.cni_queue.summary(),
+            splice_guard: SpliceGuardStatus {
+                active: self.loaded.splice_guard.active,
+                detail: self.loaded.splice_guard.detail.clone(),
+                pods: self
+                    .maps
+                    .splice_pods()?
+                    .into_iter()
+                    .map(|(netns, detections)| SplicePod {
+                        pod: self
+                            .state
+                            .pods
+                            .iter()
+                            .find(|p| p.netns_cookie == netns)
+                            .map_or_else(|| format!("netns {netns}"), |p| p.label()),
+                        detections,
+                    })
+                    .collect(),
+            },
         })
     }
 

@@ -135,3 +135,61 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Resul
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+
+/// `union bpf_attr` as used by BPF_PROG_LOAD, up to `expected_attach_type` (the kernel zeroes
+/// the rest: no BTF, no attach target).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// Program types of the stronger splice guards.
+pub mod prog_type {
+    pub const TRACING: u32 = 26;
+    pub const LSM: u32 = 29;
+}
+/// Their attach types: `fmod_ret` and BPF LSM.
+pub mod prog_attach {
+    pub const MODIFY_RETURN: u32 = 26;
+    pub const LSM_MAC: u32 = 27;
+}
+
+/// Whether this kernel lets us load a program of `prog_type` at all: a two-instruction program
+/// (`r0 = 0; exit`) without an attach target is loaded. A policy that forbids the type answers
+/// EPERM before looking at the program; a kernel that permits it refuses the missing target
+/// (EINVAL) instead. Returns the errno the kernel gave (0 if it loaded, and the fd is closed).
+pub fn probe_prog_type(prog_type: u32, expected_attach_type: u32) -> i32 {
+    // BPF_MOV64_IMM(R0, 0); BPF_EXIT_INSN()
+    let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        expected_attach_type,
+        ..Default::default()
+    };
+    match bpf(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => {
+            // SAFETY: a fresh fd we own.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            0
+        }
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}

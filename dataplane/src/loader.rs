@@ -64,6 +64,15 @@ pub struct Loaded {
     pub programs: Vec<AttachedProgram>,
     /// Whether maps from an earlier agent were found and reused.
     pub reused_pins: bool,
+    /// Whether splice readers are detected, and how.
+    pub splice_guard: SpliceGuard,
+}
+
+/// The splice guard as `meshlane status` shows it.
+#[derive(Clone, Debug)]
+pub struct SpliceGuard {
+    pub active: bool,
+    pub detail: String,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -141,6 +150,28 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
     }
     let socks: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::SOCKHASH)?;
     programs.push(attach_sk_msg(&mut ebpf, &socks)?);
+    let splice_guard = match attach_splice_guard(&mut ebpf) {
+        Ok(mut attached) => {
+            programs.append(&mut attached);
+            SpliceGuard {
+                active: true,
+                detail: format!(
+                    "tracepoint detection: a pod seen reading a socket with splice(2) or \
+                     sendfile(2) gets no redirected bytes on its new connections; the stronger \
+                     guards, which would fail such a read with EINVAL before any byte is \
+                     consumed, are not built: {}",
+                    stronger_guards()
+                ),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the splice guard is not active");
+            SpliceGuard {
+                active: false,
+                detail: format!("not active: {e}"),
+            }
+        }
+    };
     let maps = Maps {
         netns: take(&mut ebpf, map_names::NETNS)?,
         endpoints: take(&mut ebpf, map_names::ENDPOINTS)?,
@@ -153,6 +184,7 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
         svc_stats: take(&mut ebpf, map_names::SVC_STATS)?,
         sidecars: take(&mut ebpf, map_names::SIDECARS)?,
         noaccel: take(&mut ebpf, map_names::NOACCEL_PORTS)?,
+        splice_pods: take(&mut ebpf, map_names::SPLICE_PODS)?,
     };
     Ok((
         Loaded {
@@ -161,6 +193,7 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
             options,
             programs,
             reused_pins,
+            splice_guard,
         },
         maps,
     ))
@@ -322,6 +355,91 @@ fn attach_sk_msg(ebpf: &mut Ebpf, socks: &SockHash<MapData, SockKey>) -> Result<
         attach: format!("sk_msg_verdict on {}", map_names::SOCKHASH),
         pinned_link: None,
     })
+}
+
+/// What this kernel says to the program types of the stronger guards, probed at start.
+fn stronger_guards() -> String {
+    let say = |what: &str, errno: i32| match errno {
+        libc::EPERM => format!("{what} programs are refused here (EPERM)"),
+        libc::EINVAL | 0 => format!("{what} programs load here"),
+        e => format!("{what}: {}", std::io::Error::from_raw_os_error(e)),
+    };
+    format!(
+        "{}; {}",
+        say(
+            "BPF LSM",
+            bpf_sys::probe_prog_type(bpf_sys::prog_type::LSM, bpf_sys::prog_attach::LSM_MAC)
+        ),
+        say(
+            "fmod_ret (TRACING)",
+            bpf_sys::probe_prog_type(
+                bpf_sys::prog_type::TRACING,
+                bpf_sys::prog_attach::MODIFY_RETURN
+            )
+        )
+    )
+}
+
+/// The splice guard's tracepoints, in attach order (exits before enters, the detector last, so
+/// no thread is ever left marked by an enter whose exit was not attached yet).
+const SPLICE_TRACEPOINTS: [(&str, &str, &str); 5] = [
+    (program_names::SPLICE_EXIT, "syscalls", "sys_exit_splice"),
+    (
+        program_names::SENDFILE_EXIT,
+        "syscalls",
+        "sys_exit_sendfile64",
+    ),
+    (program_names::SPLICE_ENTER, "syscalls", "sys_enter_splice"),
+    (
+        program_names::SENDFILE_ENTER,
+        "syscalls",
+        "sys_enter_sendfile64",
+    ),
+    (program_names::RCV_SPACE, "tcp", "tcp_rcv_space_adjust"),
+];
+
+/// Attaches the splice guard. The tracepoints are perf-event attachments owned by this agent:
+/// they detach when it stops (splices while no agent runs go undetected). The detector reads
+/// `sock_cookie` at a fixed offset, so the tracepoint's format is checked first.
+fn attach_splice_guard(ebpf: &mut Ebpf) -> Result<Vec<AttachedProgram>> {
+    let tracefs = crate::sys::ensure_tracefs()?;
+    let format = tracefs.join("events/tcp/tcp_rcv_space_adjust/format");
+    let text = std::fs::read_to_string(&format)
+        .map_err(|e| Error::io("reading the tracepoint format", &format, e))?;
+    let want = format!(
+        "sock_cookie;\toffset:{};\tsize:8;",
+        dataplane_common::RCV_SPACE_COOKIE_OFFSET
+    );
+    if !text.contains(&want) {
+        return Err(Error::Internal(format!(
+            "{}: sock_cookie is not a u64 at offset {} on this kernel",
+            format.display(),
+            dataplane_common::RCV_SPACE_COOKIE_OFFSET
+        )));
+    }
+    let mut out = Vec::new();
+    for (name, category, event) in SPLICE_TRACEPOINTS {
+        let prog: &mut aya::programs::TracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Internal(format!("the ELF has no program {name}")))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        prog.load()
+            .map_err(|source| Error::Program { name, source })?;
+        let id = prog
+            .info()
+            .map_err(|source| Error::Program { name, source })?
+            .id();
+        prog.attach(category, event)
+            .map_err(|source| Error::Program { name, source })?;
+        out.push(AttachedProgram {
+            name: name.into(),
+            id,
+            attach: format!("tracepoint {category}/{event} (with the agent)"),
+            pinned_link: None,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

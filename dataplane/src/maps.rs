@@ -23,6 +23,7 @@ pub struct Maps {
     pub(crate) svc_stats: PerCpuArray<MapData, ServiceStats>,
     pub(crate) sidecars: HashMap<MapData, u64, Sidecar>,
     pub(crate) noaccel: HashMap<MapData, PortKey, u32>,
+    pub(crate) splice_pods: HashMap<MapData, u64, u64>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -238,5 +239,14 @@ impl Maps {
 
     pub fn noaccel_keys(&self) -> Result<Vec<PortKey>> {
         collect(self.noaccel.keys(), map_names::NOACCEL_PORTS)
+    }
+
+    /// Pods the splice guard caught, with their detections.
+    pub fn splice_pods(&self) -> Result<Vec<(u64, u64)>> {
+        collect(self.splice_pods.iter(), map_names::SPLICE_PODS)
+    }
+
+    pub fn del_splice_pod(&mut self, netns: u64) -> Result<()> {
+        ignore_missing(self.splice_pods.remove(&netns), map_names::SPLICE_PODS)
     }
 }

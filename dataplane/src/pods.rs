@@ -123,6 +123,10 @@ fn unenroll_maps(maps: &mut Maps, pod: &Pod) {
     if let Err(e) = maps.del_sidecar(pod.netns_cookie) {
         tracing::warn!(error = %e, "removing the sidecar entry");
     }
+    // A pod enrolled again starts with a clean slate; the guard catches it again if it splices.
+    if let Err(e) = maps.del_splice_pod(pod.netns_cookie) {
+        tracing::warn!(error = %e, "removing the splice guard's entry");
+    }
     for ip in &pod.ips {
         if let Err(e) = maps.del_endpoint(ip_key(ip)) {
             tracing::warn!(error = %e, "removing an endpoint");
@@ -161,6 +165,11 @@ impl Agent {
         for (cookie, _) in self.maps.sidecar_entries()? {
             if wanted.get(&cookie).is_none_or(|p| p.sidecar.is_none()) {
                 self.maps.del_sidecar(cookie)?;
+            }
+        }
+        for (netns, _) in self.maps.splice_pods()? {
+            if !wanted.contains_key(&netns) {
+                self.maps.del_splice_pod(netns)?;
             }
         }
         for key in self.maps.noaccel_keys()? {

@@ -87,6 +87,28 @@ pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// Where tracefs is mounted, mounting it at /sys/kernel/tracing if it is not (tracepoints attach
+/// through it; mounting it changes nothing else).
+pub fn ensure_tracefs() -> Result<PathBuf> {
+    const TRACEFS_MAGIC: i64 = 0x7472_6163;
+    let dir = Path::new("/sys/kernel/tracing");
+    let is_tracefs = |d: &Path| {
+        nix::sys::statfs::statfs(d).is_ok_and(|st| st.filesystem_type().0 == TRACEFS_MAGIC)
+    };
+    if is_tracefs(dir) {
+        return Ok(dir.into());
+    }
+    nix::mount::mount(
+        Some("tracefs"),
+        dir,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::io("mounting tracefs", dir, e.into()))?;
+    Ok(dir.into())
+}
+
 pub fn is_bpffs(dir: &Path) -> Result<bool> {
     let st = nix::sys::statfs::statfs(dir).map_err(|e| Error::io("statfs", dir, e.into()))?;
     Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)

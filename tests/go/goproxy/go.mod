@@ -1,0 +1,3 @@
+module meshlane.dev/goproxy
+
+go 1.22
