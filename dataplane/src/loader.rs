@@ -267,6 +267,36 @@ const CGROUP_PROGRAMS: [(&str, u32, &str); 10] = {
     ]
 };
 
+/// The ELF's program `name`.
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::Internal(format!("the ELF has no program {name}")))
+}
+
+/// Loads the ELF's program `name` (of one of the types meshlane uses) and returns its id.
+fn load_named(ebpf: &mut Ebpf, name: &'static str) -> Result<u32> {
+    use aya::programs::Program;
+    let prog = program(ebpf, name)?;
+    match prog {
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSockopt(p) => p.load(),
+        Program::SkMsg(p) => p.load(),
+        Program::TracePoint(p) => p.load(),
+        other => {
+            return Err(Error::Internal(format!(
+                "program {name} has unexpected type {:?}",
+                other.prog_type()
+            )));
+        }
+    }
+    .map_err(|source| Error::Program { name, source })?;
+    Ok(prog
+        .info()
+        .map_err(|source| Error::Program { name, source })?
+        .id())
+}
+
 /// Loads a cgroup program and attaches it through a pinned bpf_link, or, when an earlier agent
 /// left the link, swaps the new program into it in one step (BPF_LINK_UPDATE), so sockets
 /// connecting right now are handled by one program or the other, never by neither. A cgroup
@@ -277,27 +307,8 @@ fn attach_cgroup(
     cgroup: &Path,
     (name, attach_type, what): (&'static str, u32, &str),
 ) -> Result<AttachedProgram> {
-    use aya::programs::Program;
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| Error::Internal(format!("the ELF has no program {name}")))?;
-    match prog {
-        Program::SockOps(p) => p.load(),
-        Program::CgroupSockAddr(p) => p.load(),
-        Program::CgroupSockopt(p) => p.load(),
-        other => {
-            return Err(Error::Internal(format!(
-                "program {name} has unexpected type {:?}",
-                other.prog_type()
-            )));
-        }
-    }
-    .map_err(|source| Error::Program { name, source })?;
-    let id = prog
-        .info()
-        .map_err(|source| Error::Program { name, source })?
-        .id();
-    let prog_fd = prog
+    let id = load_named(ebpf, name)?;
+    let prog_fd = program(ebpf, name)?
         .fd()
         .map_err(|source| Error::Program { name, source })?;
     let link_path = pins.link(name);
@@ -328,17 +339,10 @@ fn attach_cgroup(
 /// new attach simply replaces the program for sockets inserted from then on.
 fn attach_sk_msg(ebpf: &mut Ebpf, socks: &SockHash<MapData, SockKey>) -> Result<AttachedProgram> {
     let name = program_names::SK_MSG;
-    let prog: &mut SkMsg = ebpf
-        .program_mut(name)
-        .ok_or_else(|| Error::Internal(format!("the ELF has no program {name}")))?
+    let id = load_named(ebpf, name)?;
+    let prog: &mut SkMsg = program(ebpf, name)?
         .try_into()
         .map_err(|source| Error::Program { name, source })?;
-    prog.load()
-        .map_err(|source| Error::Program { name, source })?;
-    let id = prog
-        .info()
-        .map_err(|source| Error::Program { name, source })?
-        .id();
     let link_id = prog
         .attach(socks.fd())
         .map_err(|source| Error::Program { name, source })?;
@@ -419,17 +423,10 @@ fn attach_splice_guard(ebpf: &mut Ebpf) -> Result<Vec<AttachedProgram>> {
     }
     let mut out = Vec::new();
     for (name, category, event) in SPLICE_TRACEPOINTS {
-        let prog: &mut aya::programs::TracePoint = ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::Internal(format!("the ELF has no program {name}")))?
+        let id = load_named(ebpf, name)?;
+        let prog: &mut aya::programs::TracePoint = program(ebpf, name)?
             .try_into()
             .map_err(|source| Error::Program { name, source })?;
-        prog.load()
-            .map_err(|source| Error::Program { name, source })?;
-        let id = prog
-            .info()
-            .map_err(|source| Error::Program { name, source })?
-            .id();
         prog.attach(category, event)
             .map_err(|source| Error::Program { name, source })?;
         out.push(AttachedProgram {

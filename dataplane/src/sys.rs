@@ -69,49 +69,45 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf> {
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+const TRACEFS_MAGIC: i64 = 0x7472_6163;
+
+/// Mounts a fresh `fstype` at `dir` unless `dir` is already one (by its statfs magic). Returns
+/// whether this call mounted it.
+fn ensure_mounted(dir: &Path, fstype: &'static str, magic: i64) -> Result<bool> {
+    let st = nix::sys::statfs::statfs(dir).map_err(|e| Error::io("statfs", dir, e.into()))?;
+    if st.filesystem_type().0 == magic {
+        return Ok(false);
+    }
+    nix::mount::mount(
+        Some(fstype),
+        dir,
+        Some(fstype),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| {
+        Error::io(
+            "mounting a filesystem of its type",
+            format!("{fstype} at {}", dir.display()),
+            e.into(),
+        )
+    })?;
+    Ok(true)
+}
+
 /// Makes sure `dir` is on a bpffs, mounting a fresh instance there if it is not. Returns whether
 /// this call mounted it.
 pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the bpffs directory", dir, e))?;
-    if is_bpffs(dir)? {
-        return Ok(false);
-    }
-    nix::mount::mount(
-        Some("bpf"),
-        dir,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| Error::io("mounting bpffs", dir, e.into()))?;
-    Ok(true)
+    ensure_mounted(dir, "bpf", BPF_FS_MAGIC)
 }
 
 /// Where tracefs is mounted, mounting it at /sys/kernel/tracing if it is not (tracepoints attach
 /// through it; mounting it changes nothing else).
 pub fn ensure_tracefs() -> Result<PathBuf> {
-    const TRACEFS_MAGIC: i64 = 0x7472_6163;
     let dir = Path::new("/sys/kernel/tracing");
-    let is_tracefs = |d: &Path| {
-        nix::sys::statfs::statfs(d).is_ok_and(|st| st.filesystem_type().0 == TRACEFS_MAGIC)
-    };
-    if is_tracefs(dir) {
-        return Ok(dir.into());
-    }
-    nix::mount::mount(
-        Some("tracefs"),
-        dir,
-        Some("tracefs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| Error::io("mounting tracefs", dir, e.into()))?;
+    ensure_mounted(dir, "tracefs", TRACEFS_MAGIC)?;
     Ok(dir.into())
-}
-
-pub fn is_bpffs(dir: &Path) -> Result<bool> {
-    let st = nix::sys::statfs::statfs(dir).map_err(|e| Error::io("statfs", dir, e.into()))?;
-    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14): the same 64-bit id `bpf_get_netns_cookie` returns.
