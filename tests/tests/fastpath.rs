@@ -287,6 +287,71 @@ fn fionread_epoll_poll_and_nginx_under_wrk() -> Result<()> {
     result
 }
 
+/// The kill switch in the middle of keep-alive traffic: nginx's connections stay in the
+/// SOCKHASH and go on through the stack, and no request stalls (this kernel has 929e30f93125
+/// without its fix 04af4efde58a, which broke FIONREAD and wakeups for bytes that reach a
+/// SOCKHASH socket through the stack).
+#[test]
+fn the_kill_switch_keeps_keepalive_readers_working() -> Result<()> {
+    let lab = lab(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let www = lab.dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("1k"), vec![b'x'; 1024])?;
+    let nginx = meshlane_lab::svc::nginx(&lab, &b, &format!("{}:8080", b.ip), &www)?;
+    let url = format!("http://{}:8080/1k", b.ip);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab
+        .cmd(&a, "curl")?
+        .args(["-sf", "-o", "/dev/null", &url])
+        .status()?
+        .success()
+    {
+        if Instant::now() > deadline {
+            bail!("nginx did not answer within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let result = (|| -> Result<()> {
+        let redirected0 = lab.counter("bytes_redirected")?;
+        let mut wrk = lab.cmd(&a, "wrk")?;
+        wrk.args(["-t1", "-c8", "-d6s", "--latency", "--timeout", "2s", &url]);
+        let wrk = spawn_piped(&mut wrk)?;
+        // Keep-alive connections established and accelerated, then the switch.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lab.counter("bytes_redirected")? < redirected0 + 1000 * 1024 {
+            if Instant::now() > deadline {
+                bail!("wrk's traffic was never redirected");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let passed0 = lab.counter("bytes_passed")?;
+        lab.call(&Request::Accel { on: false })?;
+        let out = wrk.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "wrk failed: {text}");
+        let w = parse_wrk(&text).with_context(|| format!("wrk output: {text}"))?;
+        let passed = lab.counter("bytes_passed")? - passed0;
+        eprintln!(
+            "after accel off: {passed} bytes through the stack from sockets in the map; {} requests, max {:?}",
+            w.requests, w.max_latency
+        );
+        assert!(
+            passed > 100 * 1024,
+            "the connections did not go on through the stack: {passed}"
+        );
+        assert_eq!(w.errors, 0, "wrk saw errors: {text}");
+        assert!(
+            w.max_latency < Duration::from_secs(1),
+            "a request took {:?}: {text}",
+            w.max_latency
+        );
+        Ok(())
+    })();
+    drop(nginx);
+    result
+}
+
 struct Wrk {
     requests: u64,
     errors: u64,
