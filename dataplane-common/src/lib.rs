@@ -507,6 +507,9 @@ counters! {
     SpliceCookieStoreError = 50, "splice_cookie_store_error";
     /// A splice was detected but its pod could not be recorded (the map is full).
     SplicePodStoreError = 51, "splice_pod_store_error";
+    /// A thread entering splice/sendfile could not be marked (the map is full): a splice by it
+    /// would go undetected.
+    SpliceThreadStoreError = 52, "splice_thread_store_error";
 }
 
 /// Size of the counter array; a new reason needs a new index below it.

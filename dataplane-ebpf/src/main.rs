@@ -7,6 +7,8 @@
 //! - `sock_addr` (cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6): Service
 //!   translation and sidecar capture at connect time, and the reverse view for the application.
 //! - `getsockopt` (cgroup/getsockopt): `SO_ORIGINAL_DST` for captured connections.
+//! - `splice` (tracepoints on splice/sendfile and `tcp_rcv_space_adjust`): the splice guard,
+//!   which finds pods reading with splice(2) so sockops keeps them off the fast path.
 //!
 //! These programs must never drop traffic: every error path passes to the stack and counts why.
 #![no_std]
