@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 use dataplane_common::{ABI_VERSION, program_names};
 use meshlane_api::{
     Request,
-    types::{
-        Accel, SelfTestReport, ServicesSummary, SocketInfo, SpliceGuardStatus, SplicePod, Status,
-        Uninstalled,
-    },
+    types::{Accel, SelfTestReport, SocketInfo, SpliceGuardStatus, SplicePod, Status, Uninstalled},
 };
 use serde_json::{Value, json};
 
@@ -262,10 +259,6 @@ impl Agent {
             .collect();
         v.sort_by(|a, b| (&a.pod, a.local, a.remote).cmp(&(&b.pod, b.local, b.remote)));
         Ok(v)
-    }
-
-    pub fn services_summary(&self) -> ServicesSummary {
-        self.services.summary()
     }
 
     pub fn status(&self) -> Result<Status> {

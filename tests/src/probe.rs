@@ -153,6 +153,27 @@ pub fn send(lab: &Lab, pod: Option<&Pod>, to: SocketAddr, args: &[&str]) -> Resu
     Ok(serde_json::from_str(stdout.lines().last().unwrap_or(""))?)
 }
 
+/// One transfer of `bytes` from pod `from` to an `ml-probe` server in pod `to` on `port`; fails
+/// unless the server got every byte, in order.
+pub fn transfer(lab: &Lab, from: &Pod, to: &Pod, port: u16, bytes: u64) -> Result<()> {
+    let srv = serve(
+        lab,
+        Some(to),
+        &SocketAddr::new(to.ip.into(), port).to_string(),
+        &[],
+    )?;
+    send(lab, Some(from), srv.addr, &["--bytes", &bytes.to_string()])?;
+    let got = srv.finish(Duration::from_secs(60))?;
+    if got["bytes"] != bytes {
+        bail!(
+            "{} → {}:{port}: the server got {got}, {bytes} bytes were sent",
+            from.name,
+            to.name
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

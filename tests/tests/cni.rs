@@ -18,7 +18,7 @@ use meshlane_lab::{
     Lab, bin,
     cni::{self, NETWORK},
     map_entries,
-    probe::{send, serve},
+    probe::transfer,
 };
 use serde_json::{Value, json};
 
@@ -164,14 +164,7 @@ fn the_chain_enrolls_checks_and_deletes_pods() -> Result<()> {
 
     // Accelerated: 64 MiB from a to b, and the bridge veth of a carries almost none of it.
     let veth0 = Lab::link_bytes(&lab.node_ns, &a.host_veth)?.0;
-    let srv = serve(&lab, Some(&b), &format!("{}:7800", b.ip), &[])?;
-    send(
-        &lab,
-        Some(&a),
-        srv.addr,
-        &["--bytes", &(64 * MIB).to_string()],
-    )?;
-    assert_eq!(srv.finish(Duration::from_secs(60))?["bytes"], 64 * MIB);
+    transfer(&lab, &a, &b, 7800, 64 * MIB)?;
     let through_veth = Lab::link_bytes(&lab.node_ns, &a.host_veth)?.0 - veth0;
     assert!(
         through_veth < 2 * MIB,
@@ -391,9 +384,7 @@ fn an_agent_away_loses_nothing() -> Result<()> {
     let kept = lab.dir.join("queued-add.json");
     std::fs::copy(&waiting[0], &kept)?;
     // The pod works without the agent, through the stack.
-    let srv = serve(&lab, Some(&b), &format!("{}:7810", b.ip), &[])?;
-    send(&lab, Some(&a), srv.addr, &["--bytes", &MIB.to_string()])?;
-    assert_eq!(srv.finish(Duration::from_secs(30))?["bytes"], MIB);
+    transfer(&lab, &a, &b, 7810, MIB)?;
 
     let started = Instant::now();
     lab.restart_agent(&[])?;
@@ -406,14 +397,7 @@ fn an_agent_away_loses_nothing() -> Result<()> {
     );
     assert!(queue::entries(&lab.cni_queue_dir())?.is_empty());
     let before = lab.counter("bytes_redirected")?;
-    let srv = serve(&lab, Some(&b), &format!("{}:7811", b.ip), &[])?;
-    send(
-        &lab,
-        Some(&a),
-        srv.addr,
-        &["--bytes", &(8 * MIB).to_string()],
-    )?;
-    srv.finish(Duration::from_secs(30))?;
+    transfer(&lab, &a, &b, 7811, 8 * MIB)?;
     assert!(
         lab.counter("bytes_redirected")? - before >= 8 * MIB,
         "not accelerated after the queue"

@@ -648,21 +648,10 @@ fn opt_outs_keep_a_pod_or_its_ports_off_the_fast_path() -> Result<()> {
 
     // One transfer from `from` to `to`:port: (bytes redirected, bytes through from's veth).
     let transfer = |from: &Pod, to: &Pod, port: u16| -> Result<(u64, u64)> {
-        let (r0, v0) = (
-            lab.counter("bytes_redirected")?,
-            Lab::link_bytes(&lab.node_ns, &from.host_veth)?.1
-                + Lab::link_bytes(&lab.node_ns, &from.host_veth)?.0,
-        );
-        let srv = serve(&lab, Some(to), &addr(to.ip, port), &[])?;
-        send(
-            &lab,
-            Some(from),
-            srv.addr,
-            &["--bytes", &(8 * MIB).to_string()],
-        )?;
-        assert_eq!(srv.finish(Duration::from_secs(30))?["bytes"], 8 * MIB);
-        let v1 = Lab::link_bytes(&lab.node_ns, &from.host_veth)?;
-        Ok((lab.counter("bytes_redirected")? - r0, v1.0 + v1.1 - v0))
+        let veth = |p: &Pod| Lab::link_bytes(&lab.node_ns, &p.host_veth).map(|(rx, tx)| rx + tx);
+        let (r0, v0) = (lab.counter("bytes_redirected")?, veth(from)?);
+        meshlane_lab::probe::transfer(&lab, from, to, port, 8 * MIB)?;
+        Ok((lab.counter("bytes_redirected")? - r0, veth(from)? - v0))
     };
     let excluded0 = lab.counter("sock_port_excluded")?;
     for (what, from, to, port, accelerated) in [
