@@ -120,10 +120,14 @@ fn cnitool_ok(out: Output, what: &str) -> Result<Output> {
     meshlane_lab::succeeded(out, what)
 }
 
+/// The plugin called as a runtime calls it, failing with its output unless it succeeded.
+fn invoke_ok(command: &str, env: &[(&str, &str)], stdin: &str) -> Result<Output> {
+    meshlane_lab::succeeded(invoke(command, env, stdin)?, command)
+}
+
 /// GC as libcni calls it, with `extra` (the valid attachments, in either spelling).
 fn gc(lab: &Lab, extra: Value) -> Result<()> {
-    let out = invoke("GC", &[], &plugin_conf(lab, "1.1.0", extra).to_string())?;
-    cnitool_ok(out, "GC").map(drop)
+    invoke_ok("GC", &[], &plugin_conf(lab, "1.1.0", extra).to_string()).map(drop)
 }
 
 /// ADD → accelerated between two CNI-made pods (the bridge veths carry almost nothing) →
@@ -243,7 +247,7 @@ fn the_chain_enrolls_checks_and_deletes_pods() -> Result<()> {
     assert_eq!(s["sidecar"]["outbound_port"], 15001, "{s}");
     assert_eq!(s["sidecar"]["proxy_uid"], 1337, "{s}");
     // DEL of a container never seen, without prevResult, succeeds.
-    let del = invoke(
+    invoke_ok(
         "DEL",
         &[
             ("CNI_CONTAINERID", "never-seen"),
@@ -252,11 +256,6 @@ fn the_chain_enrolls_checks_and_deletes_pods() -> Result<()> {
         ],
         &plugin_conf(&lab, "1.0.0", json!({})).to_string(),
     )?;
-    assert!(
-        del.status.success(),
-        "{}",
-        String::from_utf8_lossy(&del.stdout)
-    );
     Ok(())
 }
 
@@ -339,16 +338,11 @@ fn status_and_gc_at_1_1_0() -> Result<()> {
         // STATUS: the agent away but the queue writable is fine (a restart must not mark the
         // node's network not ready); neither is error 50.
         lab.stop_agent()?;
-        let st = invoke(
+        invoke_ok(
             "STATUS",
             &[],
             &plugin_conf(&lab, "1.1.0", json!({})).to_string(),
         )?;
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stdout)
-        );
         let file = lab.dir.join("not-a-dir");
         std::fs::write(&file, b"")?;
         let st = invoke(
@@ -435,7 +429,7 @@ fn an_agent_away_loses_nothing() -> Result<()> {
             }),
         },
     )?;
-    let del = invoke(
+    invoke_ok(
         "DEL",
         &[
             ("CNI_CONTAINERID", "late-container"),
@@ -444,11 +438,6 @@ fn an_agent_away_loses_nothing() -> Result<()> {
         ],
         &plugin_conf(&lab, "1.0.0", json!({})).to_string(),
     )?;
-    assert!(
-        del.status.success(),
-        "{}",
-        String::from_utf8_lossy(&del.stdout)
-    );
     wait_until(Duration::from_secs(5), "the queue applied", || {
         Ok(queue::entries(&lab.cni_queue_dir())?.is_empty())
     })?;
@@ -711,12 +700,7 @@ fn bad_input_gets_the_spec_error_code() -> Result<()> {
     let v: Value = serde_json::from_slice(&v.stdout)?;
     assert_eq!(v["supportedVersions"], json!(["1.0.0", "1.1.0"]), "{v}");
     // The good one works, and prints the previous result unchanged.
-    let out = invoke("ADD", &env_ok, &good.to_string())?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = invoke_ok("ADD", &env_ok, &good.to_string())?;
     let printed: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(printed["ips"], good["prevResult"]["ips"]);
     assert_eq!(printed["interfaces"], good["prevResult"]["interfaces"]);
