@@ -182,8 +182,11 @@ impl Client {
         self.call(&Request::Services)
     }
 
-    pub fn accel(&mut self, on: bool) -> Result<Accel> {
-        self.call(&Request::Accel { on })
+    pub fn accel(&mut self, on: bool, move_established: bool) -> Result<Accel> {
+        self.call(&Request::Accel {
+            on,
+            move_established,
+        })
     }
 
     pub fn uninstall(&mut self) -> Result<Uninstalled> {

@@ -329,6 +329,11 @@ pub struct SelfTestReport {
     pub passed: bool,
     pub detail: String,
     pub checks: Vec<Check>,
+    /// The reader checks again on a SOCKHASH socket whose peer sends through the stack — what
+    /// moving established connections off the fast path would do to them. They decide whether
+    /// `accel off --move-established` is allowed; they never keep redirect off.
+    #[serde(default)]
+    pub stack_delivery: Vec<Check>,
 }
 
 impl SelfTestReport {
@@ -337,7 +342,26 @@ impl SelfTestReport {
             passed: false,
             detail: detail.into(),
             checks,
+            stack_delivery: Vec::new(),
         }
+    }
+
+    /// Whether a SOCKHASH socket that receives through the stack was shown to be read right.
+    pub fn stack_delivery_ok(&self) -> bool {
+        !self.stack_delivery.is_empty() && self.stack_delivery.iter().all(|c| c.ok)
+    }
+
+    /// The failed stack-delivery checks, in words.
+    pub fn stack_delivery_failures(&self) -> String {
+        if self.stack_delivery.is_empty() {
+            return "the self-test did not get that far".into();
+        }
+        self.stack_delivery
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| format!("{}: {}", c.name, c.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -390,6 +414,10 @@ pub struct Status {
     pub accelerate: bool,
     /// The operator's choice (kill switch); redirect is on only if this and the self-test agree.
     pub accel_wanted: bool,
+    /// `accel off --move-established` is in effect: connections already in the fast path send
+    /// through the stack. False with acceleration off: they stay in it until they close.
+    #[serde(default)]
+    pub established_moved: bool,
     pub pods: usize,
     pub sockhash_sockets: usize,
     pub sidecar_pods: usize,
@@ -439,8 +467,12 @@ pub struct QueueSummary {
 /// The answer to `accel`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accel {
-    /// Redirect is on now.
+    /// New connections enter the fast path now.
     pub accelerate: bool,
+    /// Connections already in the fast path send through the stack now
+    /// (`accel off --move-established`); false: they stay in it until they close.
+    #[serde(default)]
+    pub established_moved: bool,
 }
 
 /// The answer to `uninstall`: what was unpinned. The agent stops after answering.

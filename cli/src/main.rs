@@ -47,10 +47,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Option<ServicesCmd>,
     },
-    /// The kill switch: `accel off` sends all traffic through the stack at once.
+    /// The kill switch: `accel off` keeps new connections out of the fast path at once;
+    /// connections already in it stay there until they close, unless --move-established.
     Accel {
         #[arg(value_parser = ["on", "off"])]
         state: String,
+        /// With `off`: move connections already in the fast path to the stack too, at once
+        /// (refused where the agent's self-test found that unsafe for their readers).
+        #[arg(long)]
+        move_established: bool,
     },
     /// Detach and unpin everything and stop the agent. Without a running agent, removes the
     /// pins under --bpffs directly.
@@ -228,9 +233,21 @@ fn run() -> anyhow::Result<()> {
             print_services_summary(&s.summary);
             print_services(&s.services);
         }
-        Cmd::Accel { state } => {
-            let a = connect()?.accel(state == "on")?;
-            println!("acceleration {}", if a.accelerate { "on" } else { "off" });
+        Cmd::Accel {
+            state,
+            move_established,
+        } => {
+            let a = connect()?.accel(state == "on", move_established)?;
+            println!(
+                "acceleration {}{}",
+                if a.accelerate { "on" } else { "off" },
+                match (a.accelerate, a.established_moved) {
+                    (true, _) => "",
+                    (false, true) => "; established connections moved to the stack",
+                    (false, false) =>
+                        "; established connections stay in the fast path until they close",
+                }
+            );
         }
         Cmd::Uninstall { bpffs } => match connect() {
             Ok(mut c) => {
@@ -309,6 +326,27 @@ fn print_status(v: &Status) {
         }
     );
     println!("self-test:     {}", v.selftest.detail);
+    println!(
+        "kill switch:   {}",
+        if v.accelerate {
+            "off".to_string()
+        } else if v.established_moved {
+            "on; established connections moved to the stack".to_string()
+        } else {
+            "on; established connections stay in the fast path until they close".to_string()
+        }
+    );
+    println!(
+        "stack bytes on SOCKHASH sockets: {}",
+        if v.selftest.stack_delivery_ok() {
+            "read right (`accel off --move-established` allowed)".to_string()
+        } else {
+            format!(
+                "misread ({}): `accel off --move-established` refused",
+                v.selftest.stack_delivery_failures()
+            )
+        }
+    );
     println!("pods:          {}", v.pods);
     println!("sockets:       {} in the SOCKHASH", v.sockhash_sockets);
     println!("programs:");

@@ -344,8 +344,9 @@ pub struct Endpoint {
 }
 const _: () = assert!(size_of::<Endpoint>() == 16);
 
-/// Bytes a socket sent, by path. Written only by the sk_msg program of that socket (under the
-/// socket lock), read by the agent.
+/// A socket in the fast path: where its messages go, and the bytes it sent by path. sockops
+/// creates it when the socket joins the SOCKHASH; only the sk_msg program of that socket (under
+/// the socket lock) writes the counters; the agent reads them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockStats {
@@ -353,17 +354,24 @@ pub struct SockStats {
     pub stack_bytes: u64,
     pub redirected_msgs: u64,
     pub stack_msgs: u64,
+    /// The netns of the peer socket, decided when both joined: the peer's key is
+    /// `key.peer(peer_netns)`, so a message needs no endpoint lookup.
+    pub peer_netns: u64,
 }
-const _: () = assert!(size_of::<SockStats>() == 32);
+const _: () = assert!(size_of::<SockStats>() == 40);
 
 /// Runtime switches, in the one-entry [`map_names::CONFIG`] array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Config {
-    /// Non-zero: redirect is on for every enrolled netns (the agent sets it only after the
-    /// self-test passed; `meshlane accel off` clears it — the kill switch).
+    /// Non-zero: new connections of enrolled pods enter the fast path (the agent sets it only
+    /// after the self-test passed; `meshlane accel off` clears it — the kill switch).
     pub accelerate: u32,
-    pub _reserved: u32,
+    /// Non-zero: while `accelerate` is off, connections already in the fast path send through
+    /// the stack too (`meshlane accel off --move-established`). Zero: they stay in the fast path
+    /// until they close, so no SOCKHASH socket ever receives bytes through the stack (kernels
+    /// without 04af4efde58a under-report FIONREAD for those).
+    pub move_established: u32,
 }
 const _: () = assert!(size_of::<Config>() == 8);
 

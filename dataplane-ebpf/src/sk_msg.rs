@@ -1,5 +1,6 @@
-//! sk_msg on the SOCKHASH: redirects each message of an enrolled socket to its peer socket when
-//! the peer is local and enrolled; otherwise the message goes through the TCP/IP stack.
+//! sk_msg on the SOCKHASH: redirects each message of a socket in the fast path to its peer
+//! socket (sockops put both in, and recorded the peer's netns); otherwise the message goes
+//! through the TCP/IP stack.
 //!
 //! This program must never return `SK_DROP`: a lookup that fails passes to the stack and counts
 //! its reason.
@@ -14,7 +15,7 @@ use dataplane_common::{Counter, SockKey, SockStats, netns_flags};
 
 use crate::{
     key::{raw_tuple, sock_key},
-    maps::{ML_NETNS, ML_SOCK_STATS, ML_SOCKS, accel_allowed, count, peer_netns},
+    maps::{ML_CONFIG, ML_NETNS, ML_SOCK_STATS, ML_SOCKS, accel_allowed, count, peer_netns},
 };
 
 #[sk_msg]
@@ -67,6 +68,29 @@ fn try_redirect(ctx: &SkMsgContext, key: &SockKey, stats: &SockStats) -> Result<
     if stats.stack_msgs != 0 {
         return Err(Counter::PassStickyStack);
     }
+    // A connection in the fast path stays there until it closes: both sockets joined under the
+    // rules sockops checked, and moving one to the stack later would hand its peer (still a
+    // SOCKHASH socket) bytes through the stack, which FIONREAD does not count on kernels without
+    // 04af4efde58a. Only the operator's `accel off --move-established` moves them.
+    // SAFETY: an array lookup; the value is copied out at once.
+    let cfg = ML_CONFIG.get(0).copied().unwrap_or_default();
+    let peer_netns = if cfg.accelerate == 0 && cfg.move_established != 0 {
+        moving_established(key)?
+    } else {
+        stats.peer_netns
+    };
+    let mut peer = key.peer(peer_netns);
+    if ML_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+        Ok(())
+    } else {
+        Err(Counter::PassPeerSocketMissing)
+    }
+}
+
+/// `accel off --move-established`: only the self-test's namespace (and pods still enrolled with
+/// their peers) keep redirecting; everyone else goes through the stack.
+#[inline(always)]
+fn moving_established(key: &SockKey) -> Result<u64, Counter> {
     // SAFETY: a hash lookup; the value is copied out at once.
     let own = unsafe { ML_NETNS.get(&key.netns) }.copied();
     let own_flags = match own {
@@ -76,12 +100,5 @@ fn try_redirect(ctx: &SkMsgContext, key: &SockKey, stats: &SockStats) -> Result<
     if !accel_allowed(own_flags) {
         return Err(Counter::PassAccelOff);
     }
-    let peer_netns = peer_netns(key)?;
-
-    let mut peer = key.peer(peer_netns);
-    if ML_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
-        Ok(())
-    } else {
-        Err(Counter::PassPeerSocketMissing)
-    }
+    peer_netns(key)
 }

@@ -192,7 +192,14 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
     // The statistics entry first: a socket without one is never redirected (see maps.rs), so
     // inserting it before the SOCKHASH entry leaves no window where that rule is broken.
     if ML_SOCK_STATS
-        .insert(&key, &SockStats::default(), BPF_ANY as u64)
+        .insert(
+            &key,
+            &SockStats {
+                peer_netns: peer.netns,
+                ..SockStats::default()
+            },
+            BPF_ANY as u64,
+        )
         .is_err()
     {
         if passive {

@@ -173,8 +173,13 @@ impl Agent {
     /// Switches redirect on exactly when the operator wants it and the self-test passed.
     pub fn apply_accel(&mut self) -> Result<bool> {
         let on = self.state.accel_wanted && self.selftest.passed;
-        self.maps.set_accelerate(on)?;
+        self.maps.set_accelerate(on, self.established_moved())?;
         Ok(on)
+    }
+
+    /// Whether connections already in the fast path are sent through the stack now.
+    fn established_moved(&self) -> bool {
+        !self.state.accel_wanted && self.state.move_established
     }
 
     /// Applies the services file if it changed, and logs what happened.
@@ -216,17 +221,36 @@ impl Agent {
                 summary: self.services.summary(),
                 services: self.services.views(&self.maps)?,
             }),
-            Request::Accel { on } => json!(self.accel(on)?),
+            Request::Accel {
+                on,
+                move_established,
+            } => json!(self.accel(on, move_established)?),
             Request::Uninstall => json!(self.uninstall()?),
         };
         Ok(v)
     }
 
-    fn accel(&mut self, on: bool) -> Result<Accel> {
-        let before = self.state.accel_wanted;
+    fn accel(&mut self, on: bool, move_established: bool) -> Result<Accel> {
+        if on && move_established {
+            return Err(Error::Invalid(
+                "move_established applies to `accel off` only; nothing changed".into(),
+            ));
+        }
+        if move_established && !self.selftest.stack_delivery_ok() {
+            return Err(Error::Unavailable(format!(
+                "established connections cannot be moved off the fast path on this kernel: \
+                 their peers would receive through the stack while still in the SOCKHASH, and \
+                 the self-test found that wrong for readers ({}; the fix is kernel commit \
+                 04af4efde58a). Nothing changed; `accel off` without --move-established keeps \
+                 new connections out and lets established ones finish in the fast path",
+                self.selftest.stack_delivery_failures()
+            )));
+        }
+        let before = (self.state.accel_wanted, self.state.move_established);
         self.state.accel_wanted = on;
+        self.state.move_established = move_established;
         if let Err(e) = self.state.save(&self.state_path) {
-            self.state.accel_wanted = before;
+            (self.state.accel_wanted, self.state.move_established) = before;
             return Err(e);
         }
         let now = self.apply_accel()?;
@@ -236,7 +260,10 @@ impl Agent {
                 self.selftest.detail
             )));
         }
-        Ok(Accel { accelerate: now })
+        Ok(Accel {
+            accelerate: now,
+            established_moved: self.established_moved(),
+        })
     }
 
     pub fn sockets(&self) -> Result<Vec<SocketInfo>> {
@@ -271,6 +298,7 @@ impl Agent {
             selftest: self.selftest.clone(),
             accelerate: self.maps.accelerate()?,
             accel_wanted: self.state.accel_wanted,
+            established_moved: self.established_moved(),
             pods: self.state.pods.len(),
             sockhash_sockets: self.maps.sockhash_len()?,
             sidecar_pods: self
@@ -316,7 +344,9 @@ impl Agent {
     /// Switches redirect off, unenrolls everything, waits for receivers to drain what was already
     /// handed to them, then unpins maps and links. The caller exits afterwards.
     fn uninstall(&mut self) -> Result<Uninstalled> {
-        self.maps.set_accelerate(false)?;
+        // Everything goes through the stack before the maps go: bytes redirected now would be
+        // dropped with the SOCKHASH.
+        self.maps.set_accelerate(false, true)?;
         for (cookie, _) in self.maps.netns_entries()? {
             self.maps.del_netns(cookie)?;
         }

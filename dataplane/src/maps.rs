@@ -54,10 +54,12 @@ impl Maps {
         Ok(c.accelerate != 0)
     }
 
-    pub fn set_accelerate(&mut self, on: bool) -> Result<()> {
+    /// Switches new connections on or off; `move_established` (only meaningful with `on`
+    /// false) sends connections already in the fast path through the stack too.
+    pub fn set_accelerate(&mut self, on: bool, move_established: bool) -> Result<()> {
         let c = Config {
             accelerate: on as u32,
-            _reserved: 0,
+            move_established: (!on && move_established) as u32,
         };
         self.config.set(0, c, 0).map_err(|source| Error::Map {
             name: map_names::CONFIG,
@@ -71,6 +73,18 @@ impl Maps {
 
     pub fn endpoint_entries(&self) -> Result<Vec<([u32; 4], Endpoint)>> {
         collect(self.endpoints.iter(), map_names::ENDPOINTS)
+    }
+
+    /// Makes a socket in the fast path send through the stack from now on, as if it had done so
+    /// once (the sticky-stack rule). Only the self-test uses it, on its own socket.
+    pub fn make_sticky(&mut self, key: &SockKey) -> Result<()> {
+        let err = |source| Error::Map {
+            name: map_names::SOCK_STATS,
+            source,
+        };
+        let mut st = self.stats.get(key, 0).map_err(err)?;
+        st.stack_msgs = st.stack_msgs.max(1);
+        self.stats.insert(key, st, 0).map_err(err)
     }
 
     pub fn put_netns(&mut self, cookie: u64, info: NetnsInfo) -> Result<()> {

@@ -1,8 +1,14 @@
 //! The start-up self-test: before redirect is switched on for anyone, prove on this kernel that a
-//! redirected connection is byte-exact, that FIONREAD counts redirected bytes, and that epoll
-//! wakes a reader within 100 ms. Kernel 929e30f93125 (6.18.14+) broke the last two for sockhash
-//! sockets without an sk_skb verdict (fixed by 04af4efde58a); a node with such a kernel must stay
-//! on the stack, not stall nginx for a minute.
+//! redirected connection is byte-exact, that FIONREAD counts redirected bytes, that MSG_PEEK shows
+//! them, and that epoll wakes a reader within 100 ms. Kernel 929e30f93125 (6.18.14+) changed
+//! FIONREAD and wakeups for sockhash sockets without an sk_skb verdict; a node where these fail
+//! must stay on the stack, not stall nginx for a minute.
+//!
+//! A second phase runs the reader checks again with the client sending through the stack while
+//! both sockets stay in the SOCKHASH — what `accel off --move-established` does to established
+//! connections. On kernels without 04af4efde58a FIONREAD then reads 0 for bytes that are there;
+//! the phase's result only decides whether that move is allowed (fail safe: established
+//! connections then finish in the fast path), never whether redirect is on.
 //!
 //! The test runs in a child process (this same binary, `__selftest-child`) that joins a cgroup
 //! below the attach point and a network namespace of its own, so its sockets go through our
@@ -21,7 +27,7 @@ use std::{
 use dataplane_common::{Counter, NetnsInfo, netns_flags};
 
 use meshlane_api::types::{Check, SelfTestReport};
-use meshlane_sockcheck::{FIONREAD_BYTES, TRANSFER_BYTES, socket_checks};
+use meshlane_sockcheck::{FIONREAD_BYTES, TRANSFER_BYTES, reader_checks, socket_checks};
 
 use crate::maps::Maps;
 
@@ -100,22 +106,37 @@ fn drive(
     ) {
         return SelfTestReport::failed(format!("enrolling the self-test netns: {e}"), vec![]);
     }
-    let before = dp.counter(Counter::BytesRedirected).unwrap_or(0);
-    let go = child
-        .stdin
-        .as_mut()
-        .map(|s| s.write_all(b"go\n").and_then(|()| s.flush()));
-    let result = match go {
-        Some(Ok(())) => rx.recv_timeout(Duration::from_secs(30)).ok(),
-        _ => None,
-    };
-    let after = dp.counter(Counter::BytesRedirected).unwrap_or(0);
+    let report = phases(dp, child, rx, cookie);
     if let Err(e) = dp.del_netns(cookie) {
         tracing::warn!(error = %e, "removing the self-test netns entry");
     }
-    let Some(line) = result else {
+    report
+}
+
+/// Sends `word` to the child and waits for its next line.
+fn ask(child: &mut std::process::Child, rx: &mpsc::Receiver<String>, word: &str) -> Option<String> {
+    let said = child.stdin.as_mut().map(|s| {
+        s.write_all(format!("{word}\n").as_bytes())
+            .and_then(|()| s.flush())
+    });
+    match said {
+        Some(Ok(())) => rx.recv_timeout(Duration::from_secs(30)).ok(),
+        _ => None,
+    }
+}
+
+fn phases(
+    dp: &mut Maps,
+    child: &mut std::process::Child,
+    rx: &mpsc::Receiver<String>,
+    cookie: u64,
+) -> SelfTestReport {
+    // 1. A redirected pair: byte-exact, FIONREAD, MSG_PEEK, epoll.
+    let before = dp.counter(Counter::BytesRedirected).unwrap_or(0);
+    let Some(line) = ask(child, rx, "go") else {
         return SelfTestReport::failed("the self-test child did not answer within 30 s", vec![]);
     };
+    let after = dp.counter(Counter::BytesRedirected).unwrap_or(0);
     let mut checks: Vec<Check> = match serde_json::from_str(&line) {
         Ok(c) => c,
         Err(e) => return SelfTestReport::failed(format!("child output {line:?}: {e}"), vec![]),
@@ -134,20 +155,85 @@ fn drive(
         .filter(|c| !c.ok)
         .map(|c| c.name.as_str())
         .collect();
-    if failed.is_empty() {
+    let mut report = if failed.is_empty() {
         SelfTestReport {
             passed: true,
-            detail: "byte-exact transfer, FIONREAD and epoll wakeup correct on redirected sockets"
+            detail: "byte-exact transfer, FIONREAD, MSG_PEEK and epoll wakeup correct on \
+                     redirected sockets"
                 .into(),
             checks,
+            stack_delivery: Vec::new(),
         }
     } else {
         let detail = format!("failed: {}", failed.join(", "));
-        SelfTestReport::failed(detail, checks)
+        return SelfTestReport::failed(detail, checks);
+    };
+    // 2. The same pair, still in the SOCKHASH, with the client sending through the stack.
+    report.stack_delivery = stack_delivery(dp, child, rx, cookie);
+    report
+}
+
+/// The second phase: the agent makes the child's client socket sticky to the stack (as if it had
+/// sent through the stack once), so its bytes reach a server socket that stays in the SOCKHASH
+/// through TCP — what moving established connections off the fast path does. Any failure is a
+/// failed check: it only forbids that move.
+fn stack_delivery(
+    dp: &mut Maps,
+    child: &mut std::process::Child,
+    rx: &mpsc::Receiver<String>,
+    cookie: u64,
+) -> Vec<Check> {
+    let failed = |detail: String| {
+        vec![Check {
+            name: "stack_setup".into(),
+            ok: false,
+            detail,
+        }]
+    };
+    let Some(line) = ask(child, rx, "ports") else {
+        return failed("the self-test child did not name its ports".into());
+    };
+    let ports: Option<(u16, u16)> = line.strip_prefix("ports ").and_then(|p| {
+        let (a, b) = p.split_once(' ')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    });
+    let Some((client_port, server_port)) = ports else {
+        return failed(format!("child said {line:?}"));
+    };
+    let lo = crate::addr::ip_key(&std::net::Ipv4Addr::LOCALHOST.into());
+    let key = dataplane_common::SockKey {
+        netns: cookie,
+        local_ip: lo,
+        remote_ip: lo,
+        local_port: client_port.into(),
+        remote_port: server_port.into(),
+    };
+    if let Err(e) = dp.make_sticky(&key) {
+        return failed(format!("marking the client socket: {e}"));
     }
+    let before = dp.counter(Counter::BytesPassed).unwrap_or(0);
+    let Some(line) = ask(child, rx, "go") else {
+        return failed("the self-test child did not answer within 30 s".into());
+    };
+    let passed = dp
+        .counter(Counter::BytesPassed)
+        .unwrap_or(0)
+        .saturating_sub(before);
+    let mut checks: Vec<Check> = match serde_json::from_str(&line) {
+        Ok(c) => c,
+        Err(e) => return failed(format!("child output {line:?}: {e}")),
+    };
+    let need = FIONREAD_BYTES as u64;
+    checks.push(Check {
+        name: "stack_path".into(),
+        ok: passed >= need,
+        detail: format!("{passed} bytes went through the stack, expected at least {need}"),
+    });
+    checks
 }
 
 /// Entry point of the child process. Prints `cookie N`, waits for `go`, prints the checks as
+/// JSON; waits for `ports`, names its ports, waits for `go`, prints the stack-delivery checks as
 /// JSON, exits.
 pub fn child_main(cgroup: &Path) -> ! {
     let code = match child(cgroup) {
@@ -171,18 +257,37 @@ fn child(cgroup: &Path) -> std::io::Result<Vec<Check>> {
     let cookie = crate::sys::current_netns_cookie()?;
     println!("cookie {cookie}");
     std::io::stdout().flush()?;
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line)?;
-    if line.trim() != "go" {
-        return Err(std::io::Error::other(format!("expected go, got {line:?}")));
-    }
+    expect("go")?;
 
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let mut client = TcpStream::connect(addr)?;
     let (mut server, _) = listener.accept()?;
     // Both sockets are established and in the SOCKHASH once accept() returns.
-    socket_checks(&mut client, &mut server)
+    let checks = socket_checks(&mut client, &mut server)?;
+    println!(
+        "{}",
+        serde_json::to_string(&checks).map_err(std::io::Error::other)?
+    );
+    std::io::stdout().flush()?;
+    // The second phase, if the agent asks: the same pair, the client sending through the stack.
+    expect("ports")?;
+    println!("ports {} {}", client.local_addr()?.port(), addr.port());
+    std::io::stdout().flush()?;
+    expect("go")?;
+    reader_checks(&mut client, &mut server, "stack_")
+}
+
+/// Reads the agent's next word.
+fn expect(word: &str) -> std::io::Result<()> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    if line.trim() != word {
+        return Err(std::io::Error::other(format!(
+            "expected {word}, got {line:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// The path of the running binary, for re-executing it as the child.

@@ -19,6 +19,9 @@ pub struct State {
     /// False after `meshlane accel off`; a restart keeps the operator's choice.
     #[serde(default = "yes")]
     pub accel_wanted: bool,
+    /// True after `meshlane accel off --move-established`, until `accel on`.
+    #[serde(default)]
+    pub move_established: bool,
     #[serde(default)]
     pub next_id: u32,
     #[serde(default)]
@@ -34,6 +37,7 @@ impl Default for State {
         State {
             cgroup: None,
             accel_wanted: true,
+            move_established: false,
             next_id: 1,
             pods: Vec::new(),
         }

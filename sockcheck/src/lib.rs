@@ -22,8 +22,8 @@ pub const TRANSFER_BYTES: usize = 4 << 20;
 /// Bytes queued for the FIONREAD check.
 pub const FIONREAD_BYTES: usize = 3000;
 
-/// The checks themselves, on a connected pair: byte-exact transfer client → server, FIONREAD on
-/// the server, epoll wakeup of the server.
+/// The checks themselves, on a connected pair: byte-exact transfer client → server, then
+/// [`reader_checks`].
 pub fn socket_checks(
     client: &mut TcpStream,
     server: &mut TcpStream,
@@ -52,35 +52,61 @@ pub fn socket_checks(
         detail: format!("{n} of {TRANSFER_BYTES} bytes read, identical: {same}"),
     });
 
-    // 2. FIONREAD equals the bytes queued.
-    client.write_all(&data[..FIONREAD_BYTES])?;
+    checks.extend(reader_checks(client, server, "")?);
+    Ok(checks)
+}
+
+/// What a reader of `server` sees of bytes `client` writes: FIONREAD equals the bytes queued,
+/// MSG_PEEK shows them without consuming them, epoll wakes the reader within 100 ms of a write.
+/// Each check's name starts with `prefix`.
+pub fn reader_checks(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    prefix: &str,
+) -> std::io::Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let data: Vec<u8> = (0..FIONREAD_BYTES).map(pattern).collect();
+    client.write_all(&data)?;
+    // Wait (with a deadline) until all of it is readable, by FIONREAD or else by MSG_PEEK.
     let deadline = Instant::now() + Duration::from_millis(500);
-    let mut queued = 0;
+    let mut peek = vec![0u8; FIONREAD_BYTES];
+    let (mut queued, mut peeked) = (0, 0);
     while Instant::now() < deadline {
         queued = fionread(server)?;
-        if queued >= FIONREAD_BYTES {
+        peeked = sys::peek(server.as_raw_fd(), &mut peek)?;
+        if queued >= FIONREAD_BYTES && peeked >= FIONREAD_BYTES {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     checks.push(Check {
-        name: "fionread".into(),
+        name: format!("{prefix}fionread"),
         ok: queued == FIONREAD_BYTES,
         detail: format!("FIONREAD said {queued}, {FIONREAD_BYTES} bytes were queued"),
     });
-    let mut sink = vec![0u8; FIONREAD_BYTES];
-    read_exact_retrying(server, &mut sink, Duration::from_secs(2))?;
-
-    // 3. epoll wakes the reader within 100 ms of the write.
+    let mut got = vec![0u8; FIONREAD_BYTES];
+    read_exact_retrying(server, &mut got, Duration::from_secs(2))?;
+    let same = peek[..peeked] == got[..peeked] && got == data;
+    checks.push(Check {
+        name: format!("{prefix}msg_peek"),
+        ok: peeked == FIONREAD_BYTES && same,
+        detail: format!(
+            "MSG_PEEK showed {peeked} of {FIONREAD_BYTES} queued bytes; the read after it got \
+             the same bytes: {same}"
+        ),
+    });
     let waited = epoll_wait_after_write(server, client)?;
     checks.push(Check {
-        name: "epoll_wakeup".into(),
+        name: format!("{prefix}epoll_wakeup"),
         ok: waited.is_some_and(|d| d < Duration::from_millis(100)),
         detail: match waited {
             Some(d) => format!("woke {} µs after the write", d.as_micros()),
             None => "no wakeup within 1 s".into(),
         },
     });
+    // The byte that woke it.
+    let mut one = [0u8; 1];
+    read_exact_retrying(server, &mut one, Duration::from_secs(2))?;
     Ok(checks)
 }
 
@@ -150,6 +176,20 @@ mod sys {
     use std::os::fd::RawFd;
 
     nix::ioctl_read_bad!(fionread_raw, libc::FIONREAD, libc::c_int);
+
+    /// `recv(MSG_PEEK | MSG_DONTWAIT)`: bytes readable now, left in the queue. Nothing readable
+    /// yet is 0.
+    pub fn peek(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+        match nix::sys::socket::recv(
+            fd,
+            buf,
+            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(n) => Ok(n),
+            Err(nix::errno::Errno::EAGAIN) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
 
     /// Bytes readable on `fd` (FIONREAD).
     pub fn fionread(fd: RawFd) -> std::io::Result<usize> {

@@ -17,7 +17,7 @@ use meshlane_api::{
 use meshlane_lab::{
     Lab, Pod, bin, map_entries,
     probe::{send, serve},
-    spawn_piped,
+    spawn_piped, wait_for_line,
 };
 use serde_json::Value;
 
@@ -287,10 +287,10 @@ fn fionread_epoll_poll_and_nginx_under_wrk() -> Result<()> {
     result
 }
 
-/// The kill switch in the middle of keep-alive traffic: nginx's connections stay in the
-/// SOCKHASH and go on through the stack, and no request stalls (this kernel has 929e30f93125
-/// without its fix 04af4efde58a, which broke FIONREAD and wakeups for bytes that reach a
-/// SOCKHASH socket through the stack).
+/// The kill switch in the middle of keep-alive traffic: nginx's connections stay in the fast path
+/// until they close (no SOCKHASH socket receives bytes through the stack, which FIONREAD does not
+/// count on this kernel: 929e30f93125 without 04af4efde58a), new connections stay on the stack,
+/// and no request stalls or fails.
 #[test]
 fn the_kill_switch_keeps_keepalive_readers_working() -> Result<()> {
     let lab = lab(&["a", "b"], true, &[])?;
@@ -325,31 +325,201 @@ fn the_kill_switch_keeps_keepalive_readers_working() -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let passed0 = lab.counter("bytes_passed")?;
-        lab.call(&Request::Accel { on: false })?;
+        let (passed0, redirected1) = (
+            lab.counter("bytes_passed")?,
+            lab.counter("bytes_redirected")?,
+        );
+        let out = lab.cli(&["accel", "off"])?;
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            said.contains("stay in the fast path until they close"),
+            "{said}"
+        );
         let out = wrk.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "wrk failed: {text}");
         let w = parse_wrk(&text).with_context(|| format!("wrk output: {text}"))?;
         let passed = lab.counter("bytes_passed")? - passed0;
+        let redirected = lab.counter("bytes_redirected")? - redirected1;
         eprintln!(
-            "after accel off: {passed} bytes through the stack from sockets in the map; {} requests, max {:?}",
+            "after accel off: {redirected} bytes redirected, {passed} through the stack from \
+             sockets in the map; {} requests, max {:?}",
             w.requests, w.max_latency
         );
+        assert_eq!(passed, 0, "a socket in the map sent through the stack");
         assert!(
-            passed > 100 * 1024,
-            "the connections did not go on through the stack: {passed}"
+            redirected > 100 * 1024,
+            "the established connections left the fast path: {redirected}"
         );
+        assert!(w.requests >= 1000, "only {} requests: {text}", w.requests);
         assert_eq!(w.errors, 0, "wrk saw errors: {text}");
         assert!(
             w.max_latency < Duration::from_secs(1),
             "a request took {:?}: {text}",
             w.max_latency
         );
+        // A connection made now stays on the stack.
+        let off = lab.counter("sock_accel_off")?;
+        let ok = lab
+            .cmd(&a, "curl")?
+            .args(["-sf", "-o", "/dev/null", &url])
+            .status()?;
+        assert!(ok.success(), "curl after accel off failed");
+        assert!(
+            lab.counter("sock_accel_off")? >= off + 2,
+            "the new connection was accelerated"
+        );
         Ok(())
     })();
     drop(nginx);
     result
+}
+
+/// FIONREAD, MSG_PEEK, epoll and poll on a pair that was established before `accel off` and
+/// stays in the SOCKHASH after it: the same values and wakeups as before the switch.
+#[test]
+fn sockets_left_in_the_map_after_accel_off_read_right() -> Result<()> {
+    let lab = lab(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    for (what, listen, ns) in [
+        ("pod-to-pod", addr(b.ip, 7310), &b.netns_path),
+        ("loopback", "127.0.0.1:7311".to_string(), &a.netns_path),
+    ] {
+        lab.call(&Request::Accel {
+            on: true,
+            move_established: false,
+        })?;
+        let mut child = lab
+            .cmd(&a, probe())?
+            .args(["checks", "--hold", "--listen", &listen, "--server-netns"])
+            .arg(ns)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let (_, lines) = wait_for_line(&mut child, Duration::from_secs(10), |l| l == "connected")?;
+        lab.call(&Request::Accel {
+            on: false,
+            move_established: false,
+        })?;
+        let (redirected0, passed0) = (
+            lab.counter("bytes_redirected")?,
+            lab.counter("bytes_passed")?,
+        );
+        use std::io::Write as _;
+        child.stdin.take().context("stdin")?.write_all(b"go\n")?;
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .with_context(|| format!("{what}: the checks printed nothing"))?;
+        let out = child.wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let checks: Value = serde_json::from_str(&line)?;
+        let names: Vec<&str> = checks
+            .as_array()
+            .context("checks")?
+            .iter()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        for want in [
+            "byte_exact",
+            "fionread",
+            "msg_peek",
+            "epoll_wakeup",
+            "poll_wakeup",
+        ] {
+            assert!(
+                names.contains(&want),
+                "{what}: no {want} check in {names:?}"
+            );
+        }
+        for c in checks.as_array().context("checks")? {
+            assert_eq!(
+                c["ok"], true,
+                "{what}: check {} failed after accel off: {}",
+                c["name"], c["detail"]
+            );
+        }
+        assert!(
+            lab.counter("bytes_redirected")? - redirected0 >= 4 * MIB,
+            "{what}: the pair left the fast path"
+        );
+        assert_eq!(
+            lab.counter("bytes_passed")?,
+            passed0,
+            "{what}: bytes went through the stack"
+        );
+    }
+    Ok(())
+}
+
+/// `accel off --move-established` does what the self-test allows: on a kernel where a SOCKHASH
+/// socket receiving through the stack misreports (this one), it is refused, names why, and
+/// changes nothing.
+#[test]
+fn moving_established_connections_follows_the_self_test() -> Result<()> {
+    let lab = lab(&["a", "b"], true, &[])?;
+    let st = lab.call(&Request::Status)?;
+    let stack = st["selftest"]["stack_delivery"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<&str> = stack.iter().filter_map(|c| c["name"].as_str()).collect();
+    for want in [
+        "stack_fionread",
+        "stack_msg_peek",
+        "stack_epoll_wakeup",
+        "stack_path",
+    ] {
+        assert!(
+            names.contains(&want),
+            "no {want} in the self-test's stack checks: {stack:?}"
+        );
+    }
+    // The phase proved it used the stack, or its verdict would mean nothing.
+    assert!(
+        stack
+            .iter()
+            .any(|c| c["name"] == "stack_path" && c["ok"] == true),
+        "{stack:?}"
+    );
+    let allowed = stack.iter().all(|c| c["ok"] == true);
+    eprintln!("self-test, stack bytes on SOCKHASH sockets: {stack:?}");
+    let out = lab.cli(&["accel", "off", "--move-established"])?;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let after = lab.call(&Request::Status)?;
+    if allowed {
+        assert!(out.status.success(), "{err}");
+        assert_eq!(after["established_moved"], true);
+    } else {
+        assert!(!out.status.success(), "refusal expected");
+        for c in stack.iter().filter(|c| c["ok"] != true) {
+            let name = c["name"].as_str().unwrap_or_default();
+            assert!(
+                err.contains(name),
+                "the refusal does not name {name}: {err}"
+            );
+        }
+        assert!(err.contains("Nothing changed"), "{err}");
+        assert_eq!(
+            after["accelerate"], true,
+            "the refusal changed acceleration"
+        );
+        assert_eq!(after["established_moved"], false);
+    }
+    // Never together with `on`.
+    let out = lab.cli(&["accel", "on", "--move-established"])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("accel off"));
+    Ok(())
 }
 
 struct Wrk {
@@ -1010,9 +1180,9 @@ fn api_round_trip_per_operation_with_every_refusal_kind() -> Result<()> {
     assert_eq!((svc.summary.file.as_ref(), svc.summary.services), (None, 0));
     assert!(svc.services.is_empty());
 
-    assert!(!api.accel(false)?.accelerate);
+    assert!(!api.accel(false, false)?.accelerate);
     assert!(!api.status()?.accelerate);
-    assert!(api.accel(true)?.accelerate);
+    assert!(api.accel(true, false)?.accelerate);
 
     // Refusals, one per kind.
     let kind = |r: Result<meshlane_api::types::Pod, meshlane_api::ClientError>| {
@@ -1046,7 +1216,7 @@ fn api_round_trip_per_operation_with_every_refusal_kind() -> Result<()> {
     lab.restart_agent(&["--no-selftest"])?;
     let mut api = lab.client()?;
     let err = api
-        .accel(true)
+        .accel(true, false)
         .err()
         .context("accel on without a self-test")?;
     assert_eq!(err.refusal_kind(), Some(ErrorKind::Unavailable), "{err}");

@@ -374,9 +374,10 @@ fn send_file(s: &TcpStream, n: u64, via_splice: bool) -> Result<()> {
     Ok(())
 }
 
-/// Runs the agent's socket checks (byte-exact, FIONREAD, epoll) plus a poll(2) wakeup check on a
-/// connection whose server end lives in another network namespace (another pod): a thread of
-/// this process enters that namespace to listen.
+/// Runs the agent's socket checks (byte-exact, FIONREAD, MSG_PEEK, epoll) plus a poll(2) wakeup
+/// check on a connection whose server end lives in another network namespace (another pod): a
+/// thread of this process enters that namespace to listen. With `--hold`, prints `connected` once
+/// the pair is established and waits for a line on stdin before the checks.
 fn checks(args: &[String]) -> Result<()> {
     let listen: SocketAddr = arg(args, "--listen").context("--listen")?.parse()?;
     let netns = arg(args, "--server-netns")
@@ -391,6 +392,13 @@ fn checks(args: &[String]) -> Result<()> {
     .map_err(|_| anyhow::anyhow!("listener thread panicked"))??;
     let mut client = TcpStream::connect(listener.local_addr()?)?;
     let (mut server, _) = listener.accept()?;
+    if args.iter().any(|a| a == "--hold") {
+        // The caller changes something (the kill switch) while the pair is established.
+        println!("connected");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+    }
     let mut checks = meshlane_sockcheck::socket_checks(&mut client, &mut server)?;
 
     // poll(2): the server must become readable within 100 ms of a write.
