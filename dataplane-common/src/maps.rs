@@ -251,7 +251,7 @@ mod tests {
         );
         assert_eq!(
             (SOCK_STATS.kind, SOCK_STATS.key_size, SOCK_STATS.value_size),
-            (H, 48, 32)
+            (H, 48, 40)
         );
         assert_eq!((SIDECARS.key_size, SIDECARS.value_size), (8, 304));
         assert_eq!(
