@@ -428,26 +428,48 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     /// The CNI plugin's queue, as the agent applies it.
     pub cni_queue: QueueSummary,
-    /// Whether pods that read with splice(2) are detected and kept off the fast path.
-    pub splice_guard: SpliceGuardStatus,
+    /// Whether pods that read in ways redirected bytes cannot serve (splice(2), sendfile(2),
+    /// `MSG_WAITALL`, `SO_RCVLOWAT`) are detected and kept off the fast path.
+    pub reader_guard: ReaderGuardStatus,
 }
 
-/// The splice guard in `meshlane status`.
+/// The reader guard in `meshlane status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SpliceGuardStatus {
+pub struct ReaderGuardStatus {
     pub active: bool,
     /// Which guard runs, and why the stronger ones do not.
     pub detail: String,
-    /// Pods caught reading with splice or sendfile: their new connections stay on the stack.
-    pub pods: Vec<SplicePod>,
+    /// Pods caught: their new connections stay on the stack.
+    pub pods: Vec<GuardedPod>,
 }
 
-/// A pod the splice guard caught.
+/// A pod the reader guard caught, with its detections by kind.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SplicePod {
+pub struct GuardedPod {
     /// NAMESPACE/NAME, `pod-<id>`, or the netns cookie of a pod no longer enrolled.
     pub pod: String,
-    pub detections: u64,
+    /// Reads with splice(2) or sendfile(2).
+    pub splice: u64,
+    /// Reads with `MSG_WAITALL`.
+    pub waitall: u64,
+    /// `SO_RCVLOWAT` set above 1.
+    pub rcvlowat: u64,
+}
+
+impl GuardedPod {
+    /// What the pod was seen doing, in words: "splice (2), MSG_WAITALL (1)".
+    pub fn kinds(&self) -> String {
+        [
+            ("splice", self.splice),
+            ("MSG_WAITALL", self.waitall),
+            ("SO_RCVLOWAT", self.rcvlowat),
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k} ({n})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+    }
 }
 
 /// The CNI queue in `meshlane status`.

@@ -354,16 +354,17 @@ fn print_status(v: &Status) {
         println!("  {:<16} id {:<6} {}", p.name, p.id, p.attach);
     }
     println!("sidecar pods:  {}", v.sidecar_pods);
-    let g = &v.splice_guard;
+    let g = &v.reader_guard;
     println!(
-        "splice guard:  {} — {}",
+        "reader guard:  {} — {}",
         if g.active { "active" } else { "OFF" },
         g.detail
     );
     for p in &g.pods {
         println!(
-            "  {} reads with splice ({} detections): its new connections stay on the stack",
-            p.pod, p.detections
+            "  {} reads with {}: its new connections stay on the stack",
+            p.pod,
+            p.kinds()
         );
     }
     let q = &v.cni_queue;

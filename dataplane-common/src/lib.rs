@@ -53,13 +53,14 @@ pub mod map_names {
     /// Threads inside a splice(2) or sendfile(2) call right now: pid_tgid → 1. Written by the
     /// syscall tracepoints, read by the `tcp_rcv_space_adjust` tracepoint.
     pub const SPLICING: &str = "ML_SPLICING";
-    /// The netns of every established socket of an enrolled pod: socket cookie → netns
-    /// cookie (LRU). Written by sockops, read by the splice detector.
-    pub const COOKIE_NETNS: &str = "ML_COOKIE_NETNS";
-    /// Pods seen reading a socket with splice(2)/sendfile(2): netns cookie → detections. Written
-    /// by the splice detector; read by sockops (their new connections stay on the stack) and
-    /// the agent (which removes a pod's entry with the pod).
-    pub const SPLICE_PODS: &str = "ML_SPLICE_PODS";
+    /// The netns of every established socket of an enrolled pod: the socket's kernel address
+    /// (`struct sock *`, as the tracepoints report it) → netns cookie (LRU). Written by sockops
+    /// at establishment, removed when the socket closes; read by the reader guard.
+    pub const SK_NETNS: &str = "ML_SK_NETNS";
+    /// Pods seen reading in a way the fast path cannot serve: netns cookie →
+    /// [`super::ReaderPod`]. Written by the reader guard; read by sockops (their new connections
+    /// stay on the stack) and the agent (which removes a pod's entry with the pod).
+    pub const READER_PODS: &str = "ML_READER_PODS";
 }
 
 /// Program names (the kernel keeps 15 characters).
@@ -70,6 +71,8 @@ pub mod program_names {
     pub const SENDFILE_ENTER: &str = "ml_sendfile_in";
     pub const SENDFILE_EXIT: &str = "ml_sendfile_out";
     pub const RCV_SPACE: &str = "ml_rcvspace";
+    pub const RECV_LENGTH: &str = "ml_recv_length";
+    pub const SETSOCKOPT: &str = "ml_setsockopt";
     pub const SOCKOPS: &str = "ml_sockops";
     pub const SK_MSG: &str = "ml_sk_msg";
     pub const CONNECT4: &str = "ml_connect4";
@@ -85,7 +88,7 @@ pub mod program_names {
 
 /// The layout version of the maps and of the programs' view of them. Pins live under
 /// `<bpffs>/v<ABI_VERSION>/`; a new version never reuses an older directory's maps.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Default capacities. The SOCKHASH one can be changed at load time (`--sockhash-capacity`), and
 /// the per-socket statistics follow it ([`sock_stats_capacity`]); see [`maps::Sizing`].
@@ -105,10 +108,13 @@ pub const REVNAT_CAPACITY: u32 = 131_072;
 pub const NOACCEL_PORTS_CAPACITY: u32 = 16_384;
 /// Threads in splice/sendfile at once, and sockets whose netns the detector can find.
 pub const SPLICING_CAPACITY: u32 = 16_384;
-pub const COOKIE_NETNS_CAPACITY: u32 = 131_072;
-/// Offset of `sock_cookie` in the `tcp:tcp_rcv_space_adjust` record (Linux 6.x; the agent
-/// checks it against the tracepoint's format before attaching the detector).
-pub const RCV_SPACE_COOKIE_OFFSET: usize = 64;
+pub const SK_NETNS_CAPACITY: u32 = 131_072;
+/// Offset of the socket's address (`skaddr`, `sk`) in the `tcp:tcp_rcv_space_adjust` and
+/// `sock:sock_recv_length` records; `protocol` and `flags` in the latter (Linux 6.x; the agent
+/// checks them against the tracepoints' formats before attaching the guard).
+pub const TP_SK_OFFSET: usize = 8;
+pub const RECV_LENGTH_PROTOCOL_OFFSET: usize = 18;
+pub const RECV_LENGTH_FLAGS_OFFSET: usize = 24;
 /// Excluded ports one pod may have.
 pub const MAX_NOACCEL_PORTS: usize = 64;
 
@@ -360,6 +366,20 @@ pub struct SockStats {
 }
 const _: () = assert!(size_of::<SockStats>() == 40);
 
+/// What the reader guard saw a pod do, by kind (detections).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReaderPod {
+    /// splice(2) or sendfile(2) from one of its sockets.
+    pub splice: u32,
+    /// `recv(MSG_WAITALL)` on one of its TCP sockets.
+    pub waitall: u32,
+    /// `SO_RCVLOWAT` above 1 on one of its TCP sockets.
+    pub rcvlowat: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<ReaderPod>() == 16);
+
 /// Runtime switches, in the one-entry [`map_names::CONFIG`] array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -508,16 +528,23 @@ counters! {
     /// A socket of an enrolled pod was read with splice(2) or sendfile(2): the pod's new
     /// connections stay on the stack from now on.
     SpliceDetected = 48, "splice_detected";
-    /// Established sockets not inserted: their pod, or the peer's, reads with splice.
-    SockSpliceReader = 49, "sock_splice_reader";
-    /// A socket's netns could not be recorded for the splice guard (its map is full of live
-    /// entries): a splice on it would go undetected.
-    SpliceCookieStoreError = 50, "splice_cookie_store_error";
-    /// A splice was detected but its pod could not be recorded (the map is full).
-    SplicePodStoreError = 51, "splice_pod_store_error";
+    /// Established sockets not inserted: their pod, or the peer's, reads in a way the fast path
+    /// cannot serve (splice, MSG_WAITALL, SO_RCVLOWAT).
+    SockReaderExcluded = 49, "sock_reader_excluded";
+    /// A socket's netns could not be recorded for the reader guard (its map is full of live
+    /// entries): a guarded read on it would go undetected.
+    SkNetnsStoreError = 50, "sk_netns_store_error";
+    /// A guarded read was detected but its pod could not be recorded (the map is full).
+    ReaderPodStoreError = 51, "reader_pod_store_error";
     /// A thread entering splice/sendfile could not be marked (the map is full): a splice by it
     /// would go undetected.
     SpliceThreadStoreError = 52, "splice_thread_store_error";
+    /// A TCP socket of an enrolled pod was read with `MSG_WAITALL` (which redirected bytes do
+    /// not honour): the pod's new connections stay on the stack from now on.
+    WaitallDetected = 53, "waitall_detected";
+    /// A TCP socket of an enrolled pod was given `SO_RCVLOWAT` above 1 (which redirected bytes
+    /// do not honour): the pod's new connections stay on the stack from now on.
+    RcvlowatDetected = 54, "rcvlowat_detected";
 }
 
 /// Size of the counter array; a new reason needs a new index below it.
@@ -556,6 +583,7 @@ mod user {
     unsafe impl aya::Pod for Sidecar {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for ReaderPod {}
 }
 
 #[cfg(test)]

@@ -12,11 +12,11 @@
 use core::mem::size_of;
 
 use crate::{
-    Addr, BACKENDS_CAPACITY, BackendKey, COOKIE_NETNS_CAPACITY, COUNTER_SLOTS, Config,
-    ENDPOINTS_CAPACITY, Endpoint, NETNS_CAPACITY, NOACCEL_PORTS_CAPACITY, NetnsInfo, ORIG_CAPACITY,
-    PortKey, REVNAT_CAPACITY, RevNatKey, SERVICES_CAPACITY, SOCK_STATS_CAPACITY, SOCKHASH_CAPACITY,
-    SPLICING_CAPACITY, Service, ServiceKey, ServiceStats, Sidecar, SockKey, SockStats, map_names,
-    sock_stats_capacity,
+    Addr, BACKENDS_CAPACITY, BackendKey, COUNTER_SLOTS, Config, ENDPOINTS_CAPACITY, Endpoint,
+    NETNS_CAPACITY, NOACCEL_PORTS_CAPACITY, NetnsInfo, ORIG_CAPACITY, PortKey, REVNAT_CAPACITY,
+    ReaderPod, RevNatKey, SERVICES_CAPACITY, SK_NETNS_CAPACITY, SOCK_STATS_CAPACITY,
+    SOCKHASH_CAPACITY, SPLICING_CAPACITY, Service, ServiceKey, ServiceStats, Sidecar, SockKey,
+    SockStats, map_names, sock_stats_capacity,
 };
 
 /// The kind of a map; the discriminant is the kernel's `enum bpf_map_type` value (what the ELF's
@@ -149,10 +149,9 @@ pub const REVNAT: MapSpec =
 pub const NOACCEL_PORTS: MapSpec =
     MapSpec::new::<PortKey, u32>(map_names::NOACCEL_PORTS, H, NOACCEL_PORTS_CAPACITY);
 pub const SPLICING: MapSpec = MapSpec::new::<u64, u32>(map_names::SPLICING, H, SPLICING_CAPACITY);
-pub const COOKIE_NETNS: MapSpec =
-    MapSpec::new::<u64, u64>(map_names::COOKIE_NETNS, Lru, COOKIE_NETNS_CAPACITY);
-pub const SPLICE_PODS: MapSpec =
-    MapSpec::new::<u64, u64>(map_names::SPLICE_PODS, H, NETNS_CAPACITY);
+pub const SK_NETNS: MapSpec = MapSpec::new::<u64, u64>(map_names::SK_NETNS, Lru, SK_NETNS_CAPACITY);
+pub const READER_PODS: MapSpec =
+    MapSpec::new::<u64, ReaderPod>(map_names::READER_PODS, H, NETNS_CAPACITY);
 
 /// Every map of the ELF, one row each.
 pub const ALL: &[MapSpec] = &[
@@ -171,8 +170,8 @@ pub const ALL: &[MapSpec] = &[
     REVNAT,
     NOACCEL_PORTS,
     SPLICING,
-    COOKIE_NETNS,
-    SPLICE_PODS,
+    SK_NETNS,
+    READER_PODS,
 ];
 
 /// The row of the map called `name`.
@@ -208,8 +207,8 @@ mod tests {
         map_names::REVNAT,
         map_names::NOACCEL_PORTS,
         map_names::SPLICING,
-        map_names::COOKIE_NETNS,
-        map_names::SPLICE_PODS,
+        map_names::SK_NETNS,
+        map_names::READER_PODS,
     ];
 
     #[test]

@@ -7,8 +7,10 @@
 //! - `sock_addr` (cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6): Service
 //!   translation and sidecar capture at connect time, and the reverse view for the application.
 //! - `getsockopt` (cgroup/getsockopt): `SO_ORIGINAL_DST` for captured connections.
-//! - `splice` (tracepoints on splice/sendfile and `tcp_rcv_space_adjust`): the splice guard,
-//!   which finds pods reading with splice(2) so sockops keeps them off the fast path.
+//! - `reader_guard` (tracepoints on splice/sendfile, `tcp_rcv_space_adjust` and
+//!   `sock_recv_length`; cgroup/setsockopt): finds pods reading with splice(2), sendfile(2),
+//!   `MSG_WAITALL` or `SO_RCVLOWAT`, which redirected bytes cannot serve, so sockops keeps them
+//!   off the fast path.
 //!
 //! These programs must never drop traffic: every error path passes to the stack and counts why.
 #![no_std]
@@ -17,10 +19,10 @@
 mod getsockopt;
 mod key;
 mod maps;
+mod reader_guard;
 mod sk_msg;
 mod sock_addr;
 mod sockops;
-mod splice;
 
 #[cfg(not(test))]
 #[panic_handler]

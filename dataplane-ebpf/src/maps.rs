@@ -12,8 +12,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, Map, PerCpuArray, SockHash},
 };
 use dataplane_common::{
-    Addr, BackendKey, Config, Endpoint, NetnsInfo, PortKey, RevNatKey, Service, ServiceKey,
-    ServiceStats, Sidecar, SockKey, SockStats,
+    Addr, BackendKey, Config, Endpoint, NetnsInfo, PortKey, ReaderPod, RevNatKey, Service,
+    ServiceKey, ServiceStats, Sidecar, SockKey, SockStats,
     maps::{self, MapSpec},
 };
 
@@ -140,11 +140,12 @@ ml_maps! {
     /// Threads inside splice/sendfile. Written and read by the splice guard's tracepoints.
     ML_SPLICING: HashMap<u64, u32> = maps::SPLICING;
 
-    /// Socket cookie → netns of enrolled pods' sockets. Written by sockops; read by the guard.
-    ML_COOKIE_NETNS: LruHashMap<u64, u64> = maps::COOKIE_NETNS;
+    /// Socket address → netns of enrolled pods' sockets. Written by sockops; read by the guard.
+    ML_SK_NETNS: LruHashMap<u64, u64> = maps::SK_NETNS;
 
-    /// Pods seen splicing. Written by the guard; read by sockops and the agent.
-    ML_SPLICE_PODS: HashMap<u64, u64> = maps::SPLICE_PODS;
+    /// Pods seen reading in ways the fast path cannot serve. Written by the guard; read by
+    /// sockops and the agent.
+    ML_READER_PODS: HashMap<u64, ReaderPod> = maps::READER_PODS;
 }
 
 #[inline(always)]
@@ -209,4 +210,24 @@ pub fn port_excluded(netns: u64, port: u32) -> bool {
     };
     // SAFETY: a hash lookup; only its presence is used.
     unsafe { ML_NOACCEL.get(&key) }.is_some()
+}
+
+/// Records that the pod of netns `netns` read in a way the fast path cannot serve; `bump`
+/// increments the kind's detections. Its new connections stay on the stack from then on.
+#[inline(always)]
+pub fn guard_pod(netns: u64, bump: fn(&mut ReaderPod)) {
+    match ML_READER_PODS.get_ptr_mut(&netns) {
+        // SAFETY: our map's value; a lost increment under a race only undercounts.
+        Some(p) => bump(unsafe { &mut *p }),
+        None => {
+            let mut v = ReaderPod::default();
+            bump(&mut v);
+            if ML_READER_PODS
+                .insert(&netns, &v, aya_ebpf::bindings::BPF_ANY as u64)
+                .is_err()
+            {
+                count(dataplane_common::Counter::ReaderPodStoreError, 1);
+            }
+        }
+    }
 }

@@ -5,6 +5,8 @@
 //! it runs beside other programs there. It must never fail a socket operation: every outcome
 //! returns [`SOCKOPS_OK`].
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
@@ -19,8 +21,8 @@ use dataplane_common::{Counter, SockKey, SockStats, is_loopback, netns_flags};
 use crate::{
     key::{raw_tuple, sock_key},
     maps::{
-        ML_COOKIE_NETNS, ML_ENDPOINTS, ML_NETNS, ML_ORIG_DST, ML_ORIG_PENDING, ML_SOCK_STATS,
-        ML_SOCKS, ML_SPLICE_PODS, accel_allowed, count, evict, peer_netns, port_excluded,
+        ML_ENDPOINTS, ML_NETNS, ML_ORIG_DST, ML_ORIG_PENDING, ML_READER_PODS, ML_SK_NETNS,
+        ML_SOCK_STATS, ML_SOCKS, accel_allowed, count, evict, peer_netns, port_excluded,
     },
 };
 
@@ -51,6 +53,9 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Counter> {
             on_established(ctx)
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // The address may be reused for another socket: forget it now.
+            let _absent_is_fine: Result<(), i64> =
+                ML_SK_NETNS.remove(&sk_address(ctx)).map_err(i64::from);
             // sock_ops only sees TCP sockets, all IPv4 or IPv6: the key cannot be missing, so
             // there is nothing to count.
             if let Some(key) = key_of(ctx) {
@@ -63,6 +68,13 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Counter> {
         }
         _ => Ok(()),
     }
+}
+
+/// The socket's kernel address, the identity the reader guard's tracepoints report.
+fn sk_address(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: `sk` of a live sock_ops context, read with one 8-byte load as the verifier
+    // requires; only its value is used (a key), never dereferenced.
+    unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) as u64 }
 }
 
 fn key_of(ctx: &SockOpsContext) -> Option<SockKey> {
@@ -138,16 +150,19 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
     // SAFETY: a hash lookup; the value is copied out at once.
     let info = unsafe { ML_NETNS.get(&key.netns) }.copied();
     if info.is_some() {
-        // Every socket of an enrolled pod, accelerated or not, so the splice guard can tell
-        // which pod a spliced socket belongs to.
-        // SAFETY: bpf_get_socket_cookie is allowed for sock_ops.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        if ML_COOKIE_NETNS
-            .insert(&cookie, &key.netns, BPF_ANY as u64)
+        // Every socket of an enrolled pod, accelerated or not, so the reader guard can tell
+        // which pod a socket it sees belongs to. The close callback forgets it again, and the
+        // socket's statistics if it joins the fast path below; should asking for it fail, the
+        // LRU evicts the address and the statistics go when the same tuple is established
+        // again.
+        if ML_SK_NETNS
+            .insert(&sk_address(ctx), &key.netns, BPF_ANY as u64)
             .is_err()
         {
-            count(Counter::SpliceCookieStoreError, 1);
+            count(Counter::SkNetnsStoreError, 1);
         }
+        let _kept_until_lru_eviction: Result<(), i32> =
+            ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
     let flags = match info {
         Some(info) if info.flags & netns_flags::ACCELERATE != 0 => info.flags,
@@ -158,13 +173,13 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
     }
     let peer = key.peer(peer_netns(&key).map_err(|_| Counter::SockPeerNotLocal)?);
     let passive = ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
-    // A pod seen reading with splice (or the peer's pod) never gets redirected bytes again:
-    // splice(2) does not see them (see splice.rs).
+    // A pod seen reading in a way redirected bytes cannot serve (or the peer's pod) never gets
+    // redirected bytes again (see reader_guard.rs).
     // SAFETY: hash lookups; only presence is used.
     if unsafe {
-        ML_SPLICE_PODS.get(&key.netns).is_some() || ML_SPLICE_PODS.get(&peer.netns).is_some()
+        ML_READER_PODS.get(&key.netns).is_some() || ML_READER_PODS.get(&peer.netns).is_some()
     } {
-        return Err(Counter::SockSpliceReader);
+        return Err(Counter::SockReaderExcluded);
     }
     // A port either pod keeps out of the fast path (a workload known to read with splice), at
     // either end: the connection stays on the stack. The active side is established first and
@@ -224,10 +239,6 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
         });
     }
     count(Counter::SockInserted, 1);
-
-    // Ask for state callbacks so the statistics entry goes away with the socket. If this fails
-    // the entry stays until the same tuple is established again, which resets it.
-    let _stats_kept_until_reuse: Result<(), i32> =
-        ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // The state callbacks asked for above remove the statistics entry with the socket.
     Ok(())
 }

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use dataplane_common::{ABI_VERSION, program_names};
 use meshlane_api::{
     Request,
-    types::{Accel, SelfTestReport, SocketInfo, SpliceGuardStatus, SplicePod, Status, Uninstalled},
+    types::{
+        Accel, GuardedPod, ReaderGuardStatus, SelfTestReport, SocketInfo, Status, Uninstalled,
+    },
 };
 use serde_json::{Value, json};
 
@@ -320,21 +322,23 @@ impl Agent {
                 .map(|(c, v)| (c.name().to_string(), v))
                 .collect(),
             cni_queue: self.cni_queue.summary(),
-            splice_guard: SpliceGuardStatus {
-                active: self.loaded.splice_guard.active,
-                detail: self.loaded.splice_guard.detail.clone(),
+            reader_guard: ReaderGuardStatus {
+                active: self.loaded.reader_guard.active,
+                detail: self.loaded.reader_guard.detail.clone(),
                 pods: self
                     .maps
-                    .splice_pods()?
+                    .reader_pods()?
                     .into_iter()
-                    .map(|(netns, detections)| SplicePod {
+                    .map(|(netns, seen)| GuardedPod {
                         pod: self
                             .state
                             .pods
                             .iter()
                             .find(|p| p.netns_cookie == netns)
                             .map_or_else(|| format!("netns {netns}"), |p| p.label()),
-                        detections,
+                        splice: seen.splice.into(),
+                        waitall: seen.waitall.into(),
+                        rcvlowat: seen.rcvlowat.into(),
                     })
                     .collect(),
             },

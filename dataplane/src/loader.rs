@@ -64,13 +64,13 @@ pub struct Loaded {
     pub programs: Vec<AttachedProgram>,
     /// Whether maps from an earlier agent were found and reused.
     pub reused_pins: bool,
-    /// Whether splice readers are detected, and how.
-    pub splice_guard: SpliceGuard,
+    /// Whether guarded readers are detected, and how.
+    pub reader_guard: ReaderGuard,
 }
 
-/// The splice guard as `meshlane status` shows it.
+/// The reader guard as `meshlane status` shows it.
 #[derive(Clone, Debug)]
-pub struct SpliceGuard {
+pub struct ReaderGuard {
     pub active: bool,
     pub detail: String,
 }
@@ -150,23 +150,23 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
     }
     let socks: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::SOCKHASH)?;
     programs.push(attach_sk_msg(&mut ebpf, &socks)?);
-    let splice_guard = match attach_splice_guard(&mut ebpf) {
+    let reader_guard = match attach_reader_guard(&mut ebpf) {
         Ok(mut attached) => {
             programs.append(&mut attached);
-            SpliceGuard {
+            ReaderGuard {
                 active: true,
                 detail: format!(
-                    "tracepoint detection: a pod seen reading a socket with splice(2) or \
-                     sendfile(2) gets no redirected bytes on its new connections; the stronger \
-                     guards, which would fail such a read with EINVAL before any byte is \
-                     consumed, are not built: {}",
+                    "tracepoint and setsockopt detection: a pod seen reading a socket with \
+                     splice(2), sendfile(2) or MSG_WAITALL, or setting SO_RCVLOWAT, gets no \
+                     redirected bytes on its new connections; the stronger guards, which would \
+                     fail a splice with EINVAL before any byte is consumed, are not built: {}",
                     stronger_guards()
                 ),
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "the splice guard is not active");
-            SpliceGuard {
+            tracing::warn!(error = %e, "the reader guard is not active");
+            ReaderGuard {
                 active: false,
                 detail: format!("not active: {e}"),
             }
@@ -184,7 +184,7 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
         svc_stats: take(&mut ebpf, map_names::SVC_STATS)?,
         sidecars: take(&mut ebpf, map_names::SIDECARS)?,
         noaccel: take(&mut ebpf, map_names::NOACCEL_PORTS)?,
-        splice_pods: take(&mut ebpf, map_names::SPLICE_PODS)?,
+        reader_pods: take(&mut ebpf, map_names::READER_PODS)?,
     };
     Ok((
         Loaded {
@@ -193,7 +193,7 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
             options,
             programs,
             reused_pins,
-            splice_guard,
+            reader_guard,
         },
         maps,
     ))
@@ -211,7 +211,7 @@ where
 }
 
 /// The cgroup programs, where they attach, and how `meshlane status` describes them.
-const CGROUP_PROGRAMS: [(&str, u32, &str); 10] = {
+const CGROUP_PROGRAMS: [(&str, u32, &str); 11] = {
     use bpf_sys::attach_type as at;
     [
         (
@@ -263,6 +263,11 @@ const CGROUP_PROGRAMS: [(&str, u32, &str); 10] = {
             program_names::GETSOCKOPT,
             at::CGROUP_GETSOCKOPT,
             "cgroup/getsockopt",
+        ),
+        (
+            program_names::SETSOCKOPT,
+            at::CGROUP_SETSOCKOPT,
+            "cgroup/setsockopt (reader guard)",
         ),
     ]
 };
@@ -384,9 +389,9 @@ fn stronger_guards() -> String {
     )
 }
 
-/// The splice guard's tracepoints, in attach order (exits before enters, the detector last, so
+/// The reader guard's tracepoints, in attach order (exits before enters, the detectors last, so
 /// no thread is ever left marked by an enter whose exit was not attached yet).
-const SPLICE_TRACEPOINTS: [(&str, &str, &str); 5] = [
+const GUARD_TRACEPOINTS: [(&str, &str, &str); 6] = [
     (program_names::SPLICE_EXIT, "syscalls", "sys_exit_splice"),
     (
         program_names::SENDFILE_EXIT,
@@ -400,29 +405,58 @@ const SPLICE_TRACEPOINTS: [(&str, &str, &str); 5] = [
         "sys_enter_sendfile64",
     ),
     (program_names::RCV_SPACE, "tcp", "tcp_rcv_space_adjust"),
+    (program_names::RECV_LENGTH, "sock", "sock_recv_length"),
 ];
 
-/// Attaches the splice guard. The tracepoints are perf-event attachments owned by this agent:
-/// they detach when it stops (splices while no agent runs go undetected). The detector reads
-/// `sock_cookie` at a fixed offset, so the tracepoint's format is checked first.
-fn attach_splice_guard(ebpf: &mut Ebpf) -> Result<Vec<AttachedProgram>> {
+/// The record fields the detectors read at fixed offsets: (event, field as the format file
+/// declares it, offset, size).
+const GUARD_FIELDS: [(&str, &str, usize, usize); 4] = [
+    (
+        "tcp/tcp_rcv_space_adjust",
+        "const void * skaddr",
+        dataplane_common::TP_SK_OFFSET,
+        8,
+    ),
+    (
+        "sock/sock_recv_length",
+        "void * sk",
+        dataplane_common::TP_SK_OFFSET,
+        8,
+    ),
+    (
+        "sock/sock_recv_length",
+        "__u16 protocol",
+        dataplane_common::RECV_LENGTH_PROTOCOL_OFFSET,
+        2,
+    ),
+    (
+        "sock/sock_recv_length",
+        "int flags",
+        dataplane_common::RECV_LENGTH_FLAGS_OFFSET,
+        4,
+    ),
+];
+
+/// Attaches the reader guard's tracepoints (its setsockopt program is a cgroup program). They are
+/// perf-event attachments owned by this agent: they detach when it stops (reads while no agent
+/// runs go undetected). The detectors read fields at fixed offsets, so the tracepoints' formats
+/// are checked first.
+fn attach_reader_guard(ebpf: &mut Ebpf) -> Result<Vec<AttachedProgram>> {
     let tracefs = crate::sys::ensure_tracefs()?;
-    let format = tracefs.join("events/tcp/tcp_rcv_space_adjust/format");
-    let text = std::fs::read_to_string(&format)
-        .map_err(|e| Error::io("reading the tracepoint format", &format, e))?;
-    let want = format!(
-        "sock_cookie;\toffset:{};\tsize:8;",
-        dataplane_common::RCV_SPACE_COOKIE_OFFSET
-    );
-    if !text.contains(&want) {
-        return Err(Error::Internal(format!(
-            "{}: sock_cookie is not a u64 at offset {} on this kernel",
-            format.display(),
-            dataplane_common::RCV_SPACE_COOKIE_OFFSET
-        )));
+    for (event, field, offset, size) in GUARD_FIELDS {
+        let format = tracefs.join("events").join(event).join("format");
+        let text = std::fs::read_to_string(&format)
+            .map_err(|e| Error::io("reading the tracepoint format", &format, e))?;
+        let want = format!("field:{field};\toffset:{offset};\tsize:{size};");
+        if !text.contains(&want) {
+            return Err(Error::Internal(format!(
+                "{}: `{field}` is not at offset {offset} (size {size}) on this kernel",
+                format.display()
+            )));
+        }
     }
     let mut out = Vec::new();
-    for (name, category, event) in SPLICE_TRACEPOINTS {
+    for (name, category, event) in GUARD_TRACEPOINTS {
         let id = load_named(ebpf, name)?;
         let prog: &mut aya::programs::TracePoint = program(ebpf, name)?
             .try_into()

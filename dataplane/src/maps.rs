@@ -4,8 +4,8 @@
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash};
 use dataplane_common::{
-    Addr, BackendKey, Config, Counter, Endpoint, NetnsInfo, PortKey, Service, ServiceKey,
-    ServiceStats, Sidecar, SockKey, SockStats, map_names,
+    Addr, BackendKey, Config, Counter, Endpoint, NetnsInfo, PortKey, ReaderPod, Service,
+    ServiceKey, ServiceStats, Sidecar, SockKey, SockStats, map_names,
 };
 
 use crate::{Error, Result};
@@ -23,7 +23,7 @@ pub struct Maps {
     pub(crate) svc_stats: PerCpuArray<MapData, ServiceStats>,
     pub(crate) sidecars: HashMap<MapData, u64, Sidecar>,
     pub(crate) noaccel: HashMap<MapData, PortKey, u32>,
-    pub(crate) splice_pods: HashMap<MapData, u64, u64>,
+    pub(crate) reader_pods: HashMap<MapData, u64, ReaderPod>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -255,12 +255,12 @@ impl Maps {
         collect(self.noaccel.keys(), map_names::NOACCEL_PORTS)
     }
 
-    /// Pods the splice guard caught, with their detections.
-    pub fn splice_pods(&self) -> Result<Vec<(u64, u64)>> {
-        collect(self.splice_pods.iter(), map_names::SPLICE_PODS)
+    /// Pods the reader guard caught, with their detections.
+    pub fn reader_pods(&self) -> Result<Vec<(u64, ReaderPod)>> {
+        collect(self.reader_pods.iter(), map_names::READER_PODS)
     }
 
-    pub fn del_splice_pod(&mut self, netns: u64) -> Result<()> {
-        ignore_missing(self.splice_pods.remove(&netns), map_names::SPLICE_PODS)
+    pub fn del_reader_pod(&mut self, netns: u64) -> Result<()> {
+        ignore_missing(self.reader_pods.remove(&netns), map_names::READER_PODS)
     }
 }

@@ -123,9 +123,9 @@ fn unenroll_maps(maps: &mut Maps, pod: &Pod) {
     if let Err(e) = maps.del_sidecar(pod.netns_cookie) {
         tracing::warn!(error = %e, "removing the sidecar entry");
     }
-    // A pod enrolled again starts with a clean slate; the guard catches it again if it splices.
-    if let Err(e) = maps.del_splice_pod(pod.netns_cookie) {
-        tracing::warn!(error = %e, "removing the splice guard's entry");
+    // A pod enrolled again starts with a clean slate; the guard catches it again if it still reads that way.
+    if let Err(e) = maps.del_reader_pod(pod.netns_cookie) {
+        tracing::warn!(error = %e, "removing the reader guard's entry");
     }
     for ip in &pod.ips {
         if let Err(e) = maps.del_endpoint(ip_key(ip)) {
@@ -167,9 +167,9 @@ impl Agent {
                 self.maps.del_sidecar(cookie)?;
             }
         }
-        for (netns, _) in self.maps.splice_pods()? {
+        for (netns, _) in self.maps.reader_pods()? {
             if !wanted.contains_key(&netns) {
-                self.maps.del_splice_pod(netns)?;
+                self.maps.del_reader_pod(netns)?;
             }
         }
         for key in self.maps.noaccel_keys()? {

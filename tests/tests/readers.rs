@@ -1,6 +1,8 @@
-//! Readers that rely on the TCP receive API beyond a plain read: `recv(MSG_WAITALL)` and
-//! `SO_RCVLOWAT` (tcp_bpf ignores both on redirected bytes), and FIONREAD, MSG_PEEK and epoll on
-//! sockets that stay in the SOCKHASH after `meshlane accel off`.
+//! Readers that rely on the TCP receive API beyond a plain read: a blocking `recv(MSG_WAITALL)`
+//! and `SO_RCVLOWAT` (tcp_bpf honours neither for redirected bytes: on this kernel the first
+//! MSG_WAITALL read of 1 MiB returned 327,680 bytes). The reader guard detects such a pod and
+//! keeps its new connections on the stack, where the kernel honours both; `SO_RCVLOWAT` set on a
+//! listening socket is seen before any connection exists.
 //!
 //! Run as root: `cargo test -p meshlane-lab --test readers -- --test-threads=1`.
 
@@ -10,8 +12,12 @@ use anyhow::{Context as _, Result, bail};
 use meshlane_lab::{Lab, spawn_piped, wait_for_line};
 
 /// A server that reads each connection's `size` bytes with ONE blocking recv_into(MSG_WAITALL)
-/// (or, with mode `lowat`, one plain recv_into after SO_RCVLOWAT=size on the accepted socket),
-/// and prints what that one call returned and what the connection carried in all.
+/// (mode `waitall`) and then plain reads for whatever that left, or with plain reads after
+/// SO_RCVLOWAT=2 on the accepted socket (mode `lowat`; `lowat-listener` sets it on the listening
+/// socket instead, before any connection), and prints what the first call returned, what the
+/// connection carried in all, and whether it was exact. (SO_RCVLOWAT is a wakeup threshold, not
+/// a read length: even the stack returns less than a large mark when the window fills first, so
+/// only MSG_WAITALL's first read is held to the length asked.)
 const WAITALL_SERVER: &str = r#"
 import socket, sys
 host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -19,13 +25,16 @@ sizes = [int(x) for x in sys.argv[4].split(",")]
 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((host, port))
+if mode == "lowat-listener":
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 2)
 s.listen(64)
 print("listening", flush=True)
 for size in sizes:
     c, _ = s.accept()
     buf = bytearray(size)
     if mode == "lowat":
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 2)
+    if mode.startswith("lowat"):
         first = c.recv_into(buf, size)
     else:
         first = c.recv_into(buf, size, socket.MSG_WAITALL)
@@ -106,15 +115,153 @@ fn waitall_rounds(
     Ok(out)
 }
 
+/// Connections that were not byte-exact, or (`whole_first`) whose first read was short:
+/// (index, asked, first read, total).
+fn affected(
+    rounds: &[(usize, usize, usize, bool)],
+    whole_first: bool,
+) -> Vec<(usize, usize, usize, usize)> {
+    rounds
+        .iter()
+        .enumerate()
+        .filter(|(_, (size, first, total, exact))| {
+            (whole_first && first != size) || total != size || !exact
+        })
+        .map(|(i, (size, first, total, _))| (i, *size, *first, *total))
+        .collect()
+}
+
+/// The pod's entry in the guard's status, and the CLI's sentence about it.
+fn guarded(lab: &Lab, pod: &str, kind: &str, words: &str) -> Result<()> {
+    let st = lab.call(&meshlane_api::Request::Status)?;
+    let pods = st["reader_guard"]["pods"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        pods.iter()
+            .any(|p| p["pod"] == pod && p[kind].as_u64() >= Some(1)),
+        "status does not list {pod} for {kind}: {:#}",
+        st["reader_guard"]
+    );
+    let out = lab.cli(&["status"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&format!("{pod} reads with")) && l.contains(words)),
+        "{text}"
+    );
+    Ok(())
+}
+
+const SIZES: [usize; 10] = [
+    1 << 20,
+    4 << 20,
+    100_000,
+    1 << 20,
+    16 << 20,
+    1,
+    64 << 10,
+    2 << 20,
+    7,
+    1 << 20,
+];
+
+/// A blocking MSG_WAITALL reader: every connection after the first detection gets all it asked
+/// for in one call; the pod is listed.
 #[test]
-fn explore_waitall() -> Result<()> {
+fn a_waitall_reader_gets_whole_reads_after_the_first_detection() -> Result<()> {
     let lab = Lab::with_agent(&["a", "b"], true, &[])?;
     let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
-    let sizes = [1 << 20, 4 << 20, 100_000, 1 << 20];
-    let r = waitall_rounds(&lab, &a, &b, 7970, "waitall", &sizes)?;
-    eprintln!("waitall: {r:?}");
-    let r = waitall_rounds(&lab, &a, &b, 7971, "lowat", &sizes)?;
-    eprintln!("lowat: {r:?}");
-    eprintln!("{:?}", lab.counters()?);
+    let excluded0 = lab.counter("sock_reader_excluded")?;
+    let rounds = waitall_rounds(&lab, &a, &b, 7970, "waitall", &SIZES)?;
+    let bad = affected(&rounds, true);
+    eprintln!(
+        "MSG_WAITALL: connections affected: {} of {} ({bad:?})",
+        bad.len(),
+        SIZES.len()
+    );
+    assert!(
+        bad.iter().all(|(i, ..)| *i == 0),
+        "connections after the first detection were short: {bad:?}"
+    );
+    assert!(
+        lab.counter("waitall_detected")? > 0,
+        "no MSG_WAITALL read was detected"
+    );
+    assert!(
+        lab.counter("sock_reader_excluded")? >= excluded0 + 2 * (SIZES.len() as u64 - 1),
+        "the later connections were not kept off the fast path"
+    );
+    guarded(&lab, "lab/b", "waitall", "MSG_WAITALL")
+}
+
+/// SO_RCVLOWAT set on each accepted socket: the pod is caught at the first connection, and every
+/// later one stays on the stack, where the kernel honours the option.
+#[test]
+fn an_rcvlowat_reader_is_kept_off_the_fast_path_after_the_first_detection() -> Result<()> {
+    let lab = Lab::with_agent(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let excluded0 = lab.counter("sock_reader_excluded")?;
+    let rounds = waitall_rounds(&lab, &a, &b, 7971, "lowat", &SIZES)?;
+    let bad = affected(&rounds, false);
+    assert!(bad.is_empty(), "connections were not byte-exact: {bad:?}");
+    assert!(lab.counter("rcvlowat_detected")? > 0);
+    assert!(
+        lab.counter("sock_reader_excluded")? >= excluded0 + 2 * (SIZES.len() as u64 - 1),
+        "the later connections were not kept off the fast path"
+    );
+    guarded(&lab, "lab/b", "rcvlowat", "SO_RCVLOWAT")
+}
+
+/// SO_RCVLOWAT set on the listening socket: seen before any connection exists, so no connection
+/// is affected at all.
+#[test]
+fn rcvlowat_on_a_listener_keeps_every_connection_whole() -> Result<()> {
+    let lab = Lab::with_agent(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let (redirected0, inserted0) = (
+        lab.counter("bytes_redirected")?,
+        lab.counter("sock_inserted")?,
+    );
+    let rounds = waitall_rounds(&lab, &a, &b, 7972, "lowat-listener", &SIZES)?;
+    let bad = affected(&rounds, false);
+    assert!(bad.is_empty(), "connections read short: {bad:?}");
+    assert_eq!(
+        lab.counter("sock_inserted")?,
+        inserted0,
+        "a connection entered the fast path"
+    );
+    assert_eq!(lab.counter("bytes_redirected")?, redirected0);
+    guarded(&lab, "lab/b", "rcvlowat", "SO_RCVLOWAT")
+}
+
+/// The same pods, without such readers, stay in the fast path: a plain reader and SO_RCVLOWAT=1
+/// (the default) trigger nothing.
+#[test]
+fn plain_readers_are_not_guarded() -> Result<()> {
+    let lab = Lab::with_agent(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let redirected0 = lab.counter("bytes_redirected")?;
+    let srv =
+        meshlane_lab::probe::serve(&lab, Some(&b), &format!("{}:7973", b.ip), &["--conns", "1"])?;
+    meshlane_lab::probe::send(
+        &lab,
+        Some(&a),
+        srv.addr,
+        &["--bytes", &(4u64 << 20).to_string()],
+    )?;
+    srv.finish(Duration::from_secs(30))?;
+    assert!(lab.counter("bytes_redirected")? - redirected0 >= 4 << 20);
+    for c in [
+        "waitall_detected",
+        "rcvlowat_detected",
+        "splice_detected",
+        "sock_reader_excluded",
+    ] {
+        assert_eq!(lab.counter(c)?, 0, "{c}");
+    }
+    let st = lab.call(&meshlane_api::Request::Status)?;
+    assert_eq!(st["reader_guard"]["pods"], serde_json::json!([]));
     Ok(())
 }

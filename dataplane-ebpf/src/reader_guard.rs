@@ -1,0 +1,176 @@
+//! The reader guard (tracepoints and cgroup/setsockopt): detects a pod reading its sockets in a
+//! way redirected bytes cannot serve, and keeps that pod's new connections out of the fast path
+//! from then on. Redirected bytes wait in the receiving socket's psock queue (`ingress_msg`) and
+//! `tcp_bpf_recvmsg` serves them, so:
+//!
+//! - **splice(2) / sendfile(2)** from the socket see none of them: `tcp_splice_read` reads only
+//!   `sk_receive_queue`, and the reader gets a silent EOF (Go's `io.Copy` between two
+//!   `*net.TCPConn` splices);
+//! - **`recv(MSG_WAITALL)`** returns what the psock queue holds, short of the length asked for;
+//! - **`SO_RCVLOWAT`** is not honoured (a blocking read returns before the low-water mark).
+//!
+//! Where BPF LSM or `fmod_ret` load, a guard could fail such a read with EINVAL before any byte
+//! is consumed; this kernel policy refuses both (and has no kprobes), so the guard observes:
+//!
+//! - `syscalls:sys_enter_splice` / `sys_enter_sendfile64` mark the calling thread, the matching
+//!   exits unmark it; `tcp:tcp_rcv_space_adjust` fires inside `tcp_splice_read` (through
+//!   `__tcp_read_sock`, even when nothing is copied) with the socket's address: on a marked
+//!   thread, that socket is being spliced;
+//! - `sock:sock_recv_length` fires after every `recvmsg` with the socket's address and the
+//!   caller's flags: `MSG_WAITALL` on a TCP socket;
+//! - cgroup/setsockopt sees `SO_RCVLOWAT` before the kernel applies it (on a listening socket:
+//!   before any connection it accepts exists).
+//!
+//! sockops recorded every enrolled socket's address → netns (`ML_SK_NETNS`), so the pod is
+//! found; it goes into `ML_READER_PODS`, and sockops inserts no socket of that pod, or
+//! connected to it, again. Connections already in the fast path at the moment of detection are
+//! not saved (their bytes are already queued where such a reader never looks); at most those are
+//! affected. io_uring's splice does not pass through the syscall tracepoints and is not detected.
+//!
+//! These programs only read their context and write our maps; they never change a syscall or a
+//! socket option.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::generated::{bpf_get_current_pid_tgid, bpf_get_netns_cookie},
+    macros::{cgroup_sockopt, tracepoint},
+    programs::{SockoptContext, TracePointContext},
+};
+use dataplane_common::{
+    Counter, RECV_LENGTH_FLAGS_OFFSET, RECV_LENGTH_PROTOCOL_OFFSET, ReaderPod, TP_SK_OFFSET,
+};
+
+use crate::maps::{ML_NETNS, ML_SK_NETNS, ML_SPLICING, count, guard_pod};
+
+const IPPROTO_TCP: u16 = 6;
+const MSG_WAITALL: i32 = 0x100;
+const SOL_SOCKET: i32 = 1;
+const SO_RCVLOWAT: i32 = 18;
+/// The only return value a setsockopt program may give without failing the call.
+const PASS: i32 = 1;
+
+#[inline(always)]
+fn enter() {
+    // SAFETY: a helper without arguments.
+    let id = unsafe { bpf_get_current_pid_tgid() };
+    // A full map only means a splice may go undetected (counted); the syscall is never
+    // affected.
+    if ML_SPLICING.insert(&id, &1, BPF_ANY as u64).is_err() {
+        count(Counter::SpliceThreadStoreError, 1);
+    }
+}
+
+#[inline(always)]
+fn exit() {
+    // SAFETY: a helper without arguments.
+    let id = unsafe { bpf_get_current_pid_tgid() };
+    let _absent_is_fine: Result<(), i64> = ML_SPLICING.remove(&id).map_err(i64::from);
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_splice")]
+pub fn ml_splice_in(_ctx: TracePointContext) -> u32 {
+    enter();
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_splice")]
+pub fn ml_splice_out(_ctx: TracePointContext) -> u32 {
+    exit();
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_sendfile64")]
+pub fn ml_sendfile_in(_ctx: TracePointContext) -> u32 {
+    enter();
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_sendfile64")]
+pub fn ml_sendfile_out(_ctx: TracePointContext) -> u32 {
+    exit();
+    0
+}
+
+/// The netns of the enrolled socket at `sk` (a `struct sock *` from a tracepoint record).
+#[inline(always)]
+fn pod_of(ctx: &TracePointContext) -> Option<u64> {
+    // SAFETY: the record's socket address field (its offset is checked by the agent).
+    let sk = unsafe { ctx.read_at::<u64>(TP_SK_OFFSET) }.ok()?;
+    // SAFETY: a hash lookup; the value is copied out at once.
+    unsafe { ML_SK_NETNS.get(&sk) }.copied()
+}
+
+#[tracepoint(category = "tcp", name = "tcp_rcv_space_adjust")]
+pub fn ml_rcvspace(ctx: TracePointContext) -> u32 {
+    // SAFETY: a helper without arguments; then a hash lookup used for presence only.
+    let id = unsafe { bpf_get_current_pid_tgid() };
+    if unsafe { ML_SPLICING.get(&id) }.is_none() {
+        return 0;
+    }
+    if let Some(netns) = pod_of(&ctx) {
+        count(Counter::SpliceDetected, 1);
+        guard_pod(netns, |p: &mut ReaderPod| p.splice += 1);
+    }
+    0
+}
+
+#[tracepoint(category = "sock", name = "sock_recv_length")]
+pub fn ml_recv_length(ctx: TracePointContext) -> u32 {
+    // Every recvmsg on the machine comes through here: the flags first, nothing else unless
+    // MSG_WAITALL is set.
+    // SAFETY: fields of the record (offsets checked by the agent).
+    let flags = unsafe { ctx.read_at::<i32>(RECV_LENGTH_FLAGS_OFFSET) }.unwrap_or(0);
+    if flags & MSG_WAITALL == 0 {
+        return 0;
+    }
+    let protocol = unsafe { ctx.read_at::<u16>(RECV_LENGTH_PROTOCOL_OFFSET) }.unwrap_or(0);
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    if let Some(netns) = pod_of(&ctx) {
+        count(Counter::WaitallDetected, 1);
+        guard_pod(netns, |p: &mut ReaderPod| p.waitall += 1);
+    }
+    0
+}
+
+#[cgroup_sockopt(setsockopt)]
+pub fn ml_setsockopt(ctx: SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    // SAFETY: `so` is the live context; level and optname are readable 4-byte fields.
+    let (level, optname) = unsafe { (read_volatile(&(*so).level), read_volatile(&(*so).optname)) };
+    if level != SOL_SOCKET || optname != SO_RCVLOWAT {
+        return PASS;
+    }
+    // SAFETY: the context's socket (never null for sockopt programs) and its buffer bounds.
+    let (sk, start, end) = unsafe {
+        (
+            read_volatile(&(*so).__bindgen_anon_1.sk),
+            read_volatile(&(*so).__bindgen_anon_2.optval) as *const u8,
+            read_volatile(&(*so).__bindgen_anon_3.optval_end) as *const u8,
+        )
+    };
+    // SAFETY: the socket's protocol field.
+    if sk.is_null() || unsafe { read_volatile(&(*sk).protocol) } != u32::from(IPPROTO_TCP) {
+        return PASS;
+    }
+    // The value is an int; the verifier wants the bounds proven before the read.
+    if start.wrapping_add(4) > end {
+        return PASS;
+    }
+    // SAFETY: four bytes inside [optval, optval_end), checked just above.
+    let lowat = unsafe { core::ptr::read_unaligned(start as *const i32) };
+    if lowat <= 1 {
+        return PASS;
+    }
+    // SAFETY: bpf_get_netns_cookie is allowed for sockopt programs.
+    let netns = unsafe { bpf_get_netns_cookie(so.cast()) };
+    // SAFETY: a hash lookup used for presence only.
+    if unsafe { ML_NETNS.get(&netns) }.is_some() {
+        count(Counter::RcvlowatDetected, 1);
+        guard_pod(netns, |p: &mut ReaderPod| p.rcvlowat += 1);
+    }
+    PASS
+}
