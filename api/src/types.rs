@@ -334,6 +334,10 @@ pub struct SelfTestReport {
     /// `accel off --move-established` is allowed; they never keep redirect off.
     #[serde(default)]
     pub stack_delivery: Vec<Check>,
+    /// Bytes the self-test itself sent through the stack in that phase; they are part of the
+    /// `bytes_passed` counter.
+    #[serde(default)]
+    pub stack_bytes: u64,
 }
 
 impl SelfTestReport {
@@ -343,6 +347,7 @@ impl SelfTestReport {
             detail: detail.into(),
             checks,
             stack_delivery: Vec::new(),
+            stack_bytes: 0,
         }
     }
 

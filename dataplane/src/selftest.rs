@@ -163,32 +163,37 @@ fn phases(
                 .into(),
             checks,
             stack_delivery: Vec::new(),
+            stack_bytes: 0,
         }
     } else {
         let detail = format!("failed: {}", failed.join(", "));
         return SelfTestReport::failed(detail, checks);
     };
     // 2. The same pair, still in the SOCKHASH, with the client sending through the stack.
-    report.stack_delivery = stack_delivery(dp, child, rx, cookie);
+    (report.stack_delivery, report.stack_bytes) = stack_delivery(dp, child, rx, cookie);
     report
 }
 
 /// The second phase: the agent makes the child's client socket sticky to the stack (as if it had
 /// sent through the stack once), so its bytes reach a server socket that stays in the SOCKHASH
 /// through TCP — what moving established connections off the fast path does. Any failure is a
-/// failed check: it only forbids that move.
+/// failed check: it only forbids that move. Returns the checks and the bytes that went through the
+/// stack.
 fn stack_delivery(
     dp: &mut Maps,
     child: &mut std::process::Child,
     rx: &mpsc::Receiver<String>,
     cookie: u64,
-) -> Vec<Check> {
+) -> (Vec<Check>, u64) {
     let failed = |detail: String| {
-        vec![Check {
-            name: "stack_setup".into(),
-            ok: false,
-            detail,
-        }]
+        (
+            vec![Check {
+                name: "stack_setup".into(),
+                ok: false,
+                detail,
+            }],
+            0,
+        )
     };
     let Some(line) = ask(child, rx, "ports") else {
         return failed("the self-test child did not name its ports".into());
@@ -221,7 +226,7 @@ fn stack_delivery(
         .saturating_sub(before);
     let mut checks: Vec<Check> = match serde_json::from_str(&line) {
         Ok(c) => c,
-        Err(e) => return failed(format!("child output {line:?}: {e}")),
+        Err(e) => return (failed(format!("child output {line:?}: {e}")).0, passed),
     };
     let need = FIONREAD_BYTES as u64;
     checks.push(Check {
@@ -229,7 +234,7 @@ fn stack_delivery(
         ok: passed >= need,
         detail: format!("{passed} bytes went through the stack, expected at least {need}"),
     });
-    checks
+    (checks, passed)
 }
 
 /// Entry point of the child process. Prints `cookie N`, waits for `go`, prints the checks as

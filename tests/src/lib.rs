@@ -722,7 +722,9 @@ fn in_cgroup_and_netns(
 /// Entries of one of the lab agent's pinned maps, as bpftool dumps them (evidence we do not
 /// produce ourselves).
 pub fn map_entries(lab: &Lab, name: &str) -> Result<usize> {
-    let path = lab.agent().bpffs.join("v1/maps").join(name);
+    let path = meshlane_api::pins::PinPaths::new(&lab.agent().bpffs)
+        .maps
+        .join(name);
     let out = run(Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(&path))?;
