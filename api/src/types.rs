@@ -459,6 +459,9 @@ pub struct GuardedPod {
     pub waitall: u64,
     /// `SO_RCVLOWAT` set above 1.
     pub rcvlowat: u64,
+    /// Established sockets kept off the fast path because of this pod since (its own and its
+    /// peers'; two per connection between two enrolled pods).
+    pub excluded_sockets: u64,
 }
 
 impl GuardedPod {

@@ -362,9 +362,10 @@ fn print_status(v: &Status) {
     );
     for p in &g.pods {
         println!(
-            "  {} reads with {}: its new connections stay on the stack",
+            "  {} reads with {}: its new connections stay on the stack ({} sockets so far)",
             p.pod,
-            p.kinds()
+            p.kinds(),
+            p.excluded_sockets
         );
     }
     let q = &v.cni_queue;

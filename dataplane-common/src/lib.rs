@@ -53,6 +53,13 @@ pub mod map_names {
     /// Threads inside a splice(2) or sendfile(2) call right now: pid_tgid → 1. Written by the
     /// syscall tracepoints, read by the `tcp_rcv_space_adjust` tracepoint.
     pub const SPLICING: &str = "ML_SPLICING";
+    /// io_uring splice requests in flight: request address → tgid of the submitter (LRU).
+    /// Written by the `io_uring_submit_req` / `io_uring_complete` tracepoints.
+    pub const URING_REQS: &str = "ML_URING_REQS";
+    /// Processes with io_uring splice requests in flight: tgid → how many. Read by the
+    /// `tcp_rcv_space_adjust` tracepoint (the splice runs in the submitter or an io-wq worker of
+    /// its process, so the thread is not known in advance).
+    pub const URING_TGIDS: &str = "ML_URING_TGIDS";
     /// The netns of every established socket of an enrolled pod: the socket's kernel address
     /// (`struct sock *`, as the tracepoints report it) → netns cookie (LRU). Written by sockops
     /// at establishment, removed when the socket closes; read by the reader guard.
@@ -72,6 +79,8 @@ pub mod program_names {
     pub const SENDFILE_EXIT: &str = "ml_sendfile_out";
     pub const RCV_SPACE: &str = "ml_rcvspace";
     pub const RECV_LENGTH: &str = "ml_recv_length";
+    pub const URING_SUBMIT: &str = "ml_uring_submit";
+    pub const URING_DONE: &str = "ml_uring_done";
     pub const SETSOCKOPT: &str = "ml_setsockopt";
     pub const SOCKOPS: &str = "ml_sockops";
     pub const SK_MSG: &str = "ml_sk_msg";
@@ -115,6 +124,10 @@ pub const SK_NETNS_CAPACITY: u32 = 131_072;
 pub const TP_SK_OFFSET: usize = 8;
 pub const RECV_LENGTH_PROTOCOL_OFFSET: usize = 18;
 pub const RECV_LENGTH_FLAGS_OFFSET: usize = 24;
+/// `req` in the `io_uring:io_uring_submit_req` and `io_uring_complete` records, and `opcode` in
+/// the former.
+pub const URING_REQ_OFFSET: usize = 16;
+pub const URING_OPCODE_OFFSET: usize = 32;
 /// Excluded ports one pod may have.
 pub const MAX_NOACCEL_PORTS: usize = 64;
 
@@ -376,7 +389,9 @@ pub struct ReaderPod {
     pub waitall: u32,
     /// `SO_RCVLOWAT` above 1 on one of its TCP sockets.
     pub rcvlowat: u32,
-    pub _reserved: u32,
+    /// Established sockets kept off the fast path since, because of this pod (its own, and its
+    /// peers').
+    pub excluded: u32,
 }
 const _: () = assert!(size_of::<ReaderPod>() == 16);
 

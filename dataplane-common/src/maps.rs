@@ -149,6 +149,10 @@ pub const REVNAT: MapSpec =
 pub const NOACCEL_PORTS: MapSpec =
     MapSpec::new::<PortKey, u32>(map_names::NOACCEL_PORTS, H, NOACCEL_PORTS_CAPACITY);
 pub const SPLICING: MapSpec = MapSpec::new::<u64, u32>(map_names::SPLICING, H, SPLICING_CAPACITY);
+pub const URING_REQS: MapSpec =
+    MapSpec::new::<u64, u32>(map_names::URING_REQS, Lru, SPLICING_CAPACITY);
+pub const URING_TGIDS: MapSpec =
+    MapSpec::new::<u32, u32>(map_names::URING_TGIDS, H, SPLICING_CAPACITY);
 pub const SK_NETNS: MapSpec = MapSpec::new::<u64, u64>(map_names::SK_NETNS, Lru, SK_NETNS_CAPACITY);
 pub const READER_PODS: MapSpec =
     MapSpec::new::<u64, ReaderPod>(map_names::READER_PODS, H, NETNS_CAPACITY);
@@ -170,6 +174,8 @@ pub const ALL: &[MapSpec] = &[
     REVNAT,
     NOACCEL_PORTS,
     SPLICING,
+    URING_REQS,
+    URING_TGIDS,
     SK_NETNS,
     READER_PODS,
 ];
@@ -207,6 +213,8 @@ mod tests {
         map_names::REVNAT,
         map_names::NOACCEL_PORTS,
         map_names::SPLICING,
+        map_names::URING_REQS,
+        map_names::URING_TGIDS,
         map_names::SK_NETNS,
         map_names::READER_PODS,
     ];

@@ -140,6 +140,10 @@ ml_maps! {
     /// Threads inside splice/sendfile. Written and read by the splice guard's tracepoints.
     ML_SPLICING: HashMap<u64, u32> = maps::SPLICING;
 
+    /// io_uring splice requests in flight and their processes. Written and read by the guard.
+    ML_URING_REQS: LruHashMap<u64, u32> = maps::URING_REQS;
+    ML_URING_TGIDS: HashMap<u32, u32> = maps::URING_TGIDS;
+
     /// Socket address → netns of enrolled pods' sockets. Written by sockops; read by the guard.
     ML_SK_NETNS: LruHashMap<u64, u64> = maps::SK_NETNS;
 

@@ -16,6 +16,11 @@
 //!   exits unmark it; `tcp:tcp_rcv_space_adjust` fires inside `tcp_splice_read` (through
 //!   `__tcp_read_sock`, even when nothing is copied) with the socket's address: on a marked
 //!   thread, that socket is being spliced;
+//! - io_uring's `IORING_OP_SPLICE` makes no splice syscall and may run in an io-wq worker of the
+//!   submitting process: `io_uring:io_uring_submit_req` / `io_uring_complete` count such
+//!   requests in flight per process, and a `tcp_rcv_space_adjust` in that process meanwhile
+//!   names the socket (another thread of it reading a TCP socket at that moment is taken for
+//!   the splice: a false detection costs the pod speed, never bytes);
 //! - `sock:sock_recv_length` fires after every `recvmsg` with the socket's address and the
 //!   caller's flags: `MSG_WAITALL` on a TCP socket;
 //! - cgroup/setsockopt sees `SO_RCVLOWAT` before the kernel applies it (on a listening socket:
@@ -25,7 +30,7 @@
 //! found; it goes into `ML_READER_PODS`, and sockops inserts no socket of that pod, or
 //! connected to it, again. Connections already in the fast path at the moment of detection are
 //! not saved (their bytes are already queued where such a reader never looks); at most those are
-//! affected. io_uring's splice does not pass through the syscall tracepoints and is not detected.
+//! affected.
 //!
 //! These programs only read their context and write our maps; they never change a syscall or a
 //! socket option.
@@ -40,11 +45,16 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     Counter, RECV_LENGTH_FLAGS_OFFSET, RECV_LENGTH_PROTOCOL_OFFSET, ReaderPod, TP_SK_OFFSET,
+    URING_OPCODE_OFFSET, URING_REQ_OFFSET,
 };
 
-use crate::maps::{ML_NETNS, ML_SK_NETNS, ML_SPLICING, count, guard_pod};
+use crate::maps::{
+    ML_NETNS, ML_SK_NETNS, ML_SPLICING, ML_URING_REQS, ML_URING_TGIDS, count, guard_pod,
+};
 
 const IPPROTO_TCP: u16 = 6;
+/// `IORING_OP_SPLICE` (include/uapi/linux/io_uring.h).
+const IORING_OP_SPLICE: u8 = 30;
 const MSG_WAITALL: i32 = 0x100;
 const SOL_SOCKET: i32 = 1;
 const SO_RCVLOWAT: i32 = 18;
@@ -102,11 +112,69 @@ fn pod_of(ctx: &TracePointContext) -> Option<u64> {
     unsafe { ML_SK_NETNS.get(&sk) }.copied()
 }
 
+#[tracepoint(category = "io_uring", name = "io_uring_submit_req")]
+pub fn ml_uring_submit(ctx: TracePointContext) -> u32 {
+    // SAFETY: fields of the record (offsets checked by the agent).
+    if unsafe { ctx.read_at::<u8>(URING_OPCODE_OFFSET) } != Ok(IORING_OP_SPLICE) {
+        return 0;
+    }
+    let Ok(req) = (unsafe { ctx.read_at::<u64>(URING_REQ_OFFSET) }) else {
+        return 0;
+    };
+    // SAFETY: a helper without arguments.
+    let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+    if ML_URING_REQS.insert(&req, &tgid, BPF_ANY as u64).is_err() {
+        count(Counter::SpliceThreadStoreError, 1);
+        return 0;
+    }
+    match ML_URING_TGIDS.get_ptr_mut(&tgid) {
+        // SAFETY: our map's value; a lost increment under a race only undercounts.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            if ML_URING_TGIDS.insert(&tgid, &1, BPF_ANY as u64).is_err() {
+                count(Counter::SpliceThreadStoreError, 1);
+            }
+        }
+    }
+    0
+}
+
+#[tracepoint(category = "io_uring", name = "io_uring_complete")]
+pub fn ml_uring_done(ctx: TracePointContext) -> u32 {
+    // SAFETY: a field of the record (offset checked by the agent).
+    let Ok(req) = (unsafe { ctx.read_at::<u64>(URING_REQ_OFFSET) }) else {
+        return 0;
+    };
+    // SAFETY: a hash lookup; the value is copied out at once.
+    let Some(tgid) = (unsafe { ML_URING_REQS.get(&req) }).copied() else {
+        return 0;
+    };
+    let _gone_is_fine: Result<(), i64> = ML_URING_REQS.remove(&req).map_err(i64::from);
+    if let Some(n) = ML_URING_TGIDS.get_ptr_mut(&tgid) {
+        // SAFETY: our map's value.
+        let left = unsafe { (*n).saturating_sub(1) };
+        if left == 0 {
+            let _gone_is_fine: Result<(), i64> = ML_URING_TGIDS.remove(&tgid).map_err(i64::from);
+        } else {
+            // SAFETY: as above.
+            unsafe { *n = left };
+        }
+    }
+    0
+}
+
+/// Whether the current thread is inside a splice: a splice/sendfile syscall, or an io_uring
+/// splice of its process in flight.
+#[inline(always)]
+fn splicing() -> bool {
+    // SAFETY: a helper without arguments; then hash lookups used for presence only.
+    let id = unsafe { bpf_get_current_pid_tgid() };
+    unsafe { ML_SPLICING.get(&id).is_some() || ML_URING_TGIDS.get(&((id >> 32) as u32)).is_some() }
+}
+
 #[tracepoint(category = "tcp", name = "tcp_rcv_space_adjust")]
 pub fn ml_rcvspace(ctx: TracePointContext) -> u32 {
-    // SAFETY: a helper without arguments; then a hash lookup used for presence only.
-    let id = unsafe { bpf_get_current_pid_tgid() };
-    if unsafe { ML_SPLICING.get(&id) }.is_none() {
+    if !splicing() {
         return 0;
     }
     if let Some(netns) = pod_of(&ctx) {

@@ -175,11 +175,12 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
     let passive = ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
     // A pod seen reading in a way redirected bytes cannot serve (or the peer's pod) never gets
     // redirected bytes again (see reader_guard.rs).
-    // SAFETY: hash lookups; only presence is used.
-    if unsafe {
-        ML_READER_PODS.get(&key.netns).is_some() || ML_READER_PODS.get(&peer.netns).is_some()
-    } {
-        return Err(Counter::SockReaderExcluded);
+    for netns in [key.netns, peer.netns] {
+        if let Some(p) = ML_READER_PODS.get_ptr_mut(&netns) {
+            // SAFETY: our map's value; a lost increment under a race only undercounts.
+            unsafe { (*p).excluded += 1 };
+            return Err(Counter::SockReaderExcluded);
+        }
     }
     // A port either pod keeps out of the fast path (a workload known to read with splice), at
     // either end: the connection stays on the stack. The active side is established first and

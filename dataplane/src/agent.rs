@@ -339,6 +339,7 @@ impl Agent {
                         splice: seen.splice.into(),
                         waitall: seen.waitall.into(),
                         rcvlowat: seen.rcvlowat.into(),
+                        excluded_sockets: seen.excluded.into(),
                     })
                     .collect(),
             },

@@ -151,15 +151,22 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
     let socks: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::SOCKHASH)?;
     programs.push(attach_sk_msg(&mut ebpf, &socks)?);
     let reader_guard = match attach_reader_guard(&mut ebpf) {
-        Ok(mut attached) => {
+        Ok((mut attached, uring)) => {
             programs.append(&mut attached);
             ReaderGuard {
                 active: true,
                 detail: format!(
                     "tracepoint and setsockopt detection: a pod seen reading a socket with \
-                     splice(2), sendfile(2) or MSG_WAITALL, or setting SO_RCVLOWAT, gets no \
-                     redirected bytes on its new connections; the stronger guards, which would \
-                     fail a splice with EINVAL before any byte is consumed, are not built: {}",
+                     splice(2), sendfile(2), io_uring splice or MSG_WAITALL, or setting \
+                     SO_RCVLOWAT, gets no redirected bytes on its new connections{}; the \
+                     stronger guards, which would fail a splice with EINVAL before any byte is \
+                     consumed, are not built: {}",
+                    if uring {
+                        ""
+                    } else {
+                        " (io_uring splices are not watched: this kernel has no io_uring \
+                         tracepoints)"
+                    },
                     stronger_guards()
                 ),
             }
@@ -391,7 +398,13 @@ fn stronger_guards() -> String {
 
 /// The reader guard's tracepoints, in attach order (exits before enters, the detectors last, so
 /// no thread is ever left marked by an enter whose exit was not attached yet).
-const GUARD_TRACEPOINTS: [(&str, &str, &str); 6] = [
+const GUARD_TRACEPOINTS: [(&str, &str, &str); 8] = [
+    (program_names::URING_DONE, "io_uring", "io_uring_complete"),
+    (
+        program_names::URING_SUBMIT,
+        "io_uring",
+        "io_uring_submit_req",
+    ),
     (program_names::SPLICE_EXIT, "syscalls", "sys_exit_splice"),
     (
         program_names::SENDFILE_EXIT,
@@ -410,7 +423,25 @@ const GUARD_TRACEPOINTS: [(&str, &str, &str); 6] = [
 
 /// The record fields the detectors read at fixed offsets: (event, field as the format file
 /// declares it, offset, size).
-const GUARD_FIELDS: [(&str, &str, usize, usize); 4] = [
+const GUARD_FIELDS: [(&str, &str, usize, usize); 7] = [
+    (
+        "io_uring/io_uring_submit_req",
+        "void * req",
+        dataplane_common::URING_REQ_OFFSET,
+        8,
+    ),
+    (
+        "io_uring/io_uring_submit_req",
+        "u8 opcode",
+        dataplane_common::URING_OPCODE_OFFSET,
+        1,
+    ),
+    (
+        "io_uring/io_uring_complete",
+        "void * req",
+        dataplane_common::URING_REQ_OFFSET,
+        8,
+    ),
     (
         "tcp/tcp_rcv_space_adjust",
         "const void * skaddr",
@@ -441,9 +472,16 @@ const GUARD_FIELDS: [(&str, &str, usize, usize); 4] = [
 /// perf-event attachments owned by this agent: they detach when it stops (reads while no agent
 /// runs go undetected). The detectors read fields at fixed offsets, so the tracepoints' formats
 /// are checked first.
-fn attach_reader_guard(ebpf: &mut Ebpf) -> Result<Vec<AttachedProgram>> {
+/// A kernel built without io_uring has no io_uring tracepoints (nor io_uring splices): the rest
+/// of the guard attaches without them.
+fn attach_reader_guard(ebpf: &mut Ebpf) -> Result<(Vec<AttachedProgram>, bool)> {
     let tracefs = crate::sys::ensure_tracefs()?;
+    let uring = tracefs.join("events/io_uring").is_dir();
+    let wanted = |event: &str| uring || !event.starts_with("io_uring");
     for (event, field, offset, size) in GUARD_FIELDS {
+        if !wanted(event) {
+            continue;
+        }
         let format = tracefs.join("events").join(event).join("format");
         let text = std::fs::read_to_string(&format)
             .map_err(|e| Error::io("reading the tracepoint format", &format, e))?;
@@ -457,6 +495,9 @@ fn attach_reader_guard(ebpf: &mut Ebpf) -> Result<Vec<AttachedProgram>> {
     }
     let mut out = Vec::new();
     for (name, category, event) in GUARD_TRACEPOINTS {
+        if !wanted(category) {
+            continue;
+        }
         let id = load_named(ebpf, name)?;
         let prog: &mut aya::programs::TracePoint = program(ebpf, name)?
             .try_into()
@@ -470,7 +511,7 @@ fn attach_reader_guard(ebpf: &mut Ebpf) -> Result<Vec<AttachedProgram>> {
             pinned_link: None,
         });
     }
-    Ok(out)
+    Ok((out, uring))
 }
 
 #[cfg(test)]

@@ -64,6 +64,13 @@ fn a_sendfile_reader_is_detected_and_kept_off_the_fast_path() -> Result<()> {
     reader_is_detected("sendfile")
 }
 
+/// io_uring's IORING_OP_SPLICE from a socket: no splice syscall, the same tcp_splice_read (run by
+/// the submitting thread or an io-wq worker of its process).
+#[test]
+fn an_io_uring_splice_reader_is_detected_and_kept_off_the_fast_path() -> Result<()> {
+    reader_is_detected("io_uring")
+}
+
 fn reader_is_detected(mode: &str) -> Result<()> {
     let lab = Lab::with_agent(&["a", "b"], true, &[])?;
     let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
@@ -96,17 +103,27 @@ fn reader_is_detected(mode: &str) -> Result<()> {
         2 << 20,
         16 << 20,
     ];
-    let mut server = lab.cmd(&b, "python3")?;
-    server.args([
-        "-c",
-        SPLICE_SERVER,
-        &b.ip.to_string(),
-        "7950",
-        &sizes.len().to_string(),
-        mode,
-    ]);
+    let mut server = if mode == "io_uring" {
+        let mut c = lab.cmd(&b, meshlane_lab::bin("ml-probe")?)?;
+        c.args(["uring-splice-serve", "--listen", &format!("{}:7950", b.ip)])
+            .args(["--conns", &sizes.len().to_string()]);
+        c
+    } else {
+        let mut c = lab.cmd(&b, "python3")?;
+        c.args([
+            "-c",
+            SPLICE_SERVER,
+            &b.ip.to_string(),
+            "7950",
+            &sizes.len().to_string(),
+            mode,
+        ]);
+        c
+    };
     let mut server = spawn_piped(&mut server)?;
-    let (_, lines) = wait_for_line(&mut server, Duration::from_secs(10), |l| l == "listening")?;
+    let (_, lines) = wait_for_line(&mut server, Duration::from_secs(10), |l| {
+        l.starts_with("listening")
+    })?;
 
     let detected0 = lab.counter("splice_detected")?;
     let mut affected = Vec::new();
@@ -148,8 +165,9 @@ fn reader_is_detected(mode: &str) -> Result<()> {
         .cloned()
         .unwrap_or_default();
     assert!(
-        pods.iter()
-            .any(|p| p["pod"] == "lab/b" && p["splice"].as_u64() >= Some(1)),
+        pods.iter().any(|p| p["pod"] == "lab/b"
+            && p["splice"].as_u64() >= Some(1)
+            && p["excluded_sockets"].as_u64() >= Some(2 * (sizes.len() as u64 - 1))),
         "status does not list lab/b: {:#}",
         st["reader_guard"]
     );

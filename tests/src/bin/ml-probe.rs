@@ -43,6 +43,7 @@ fn main() {
         Some("serve") => serve(&args),
         Some("send") => send(&args),
         Some("checks") => checks(&args),
+        Some("uring-splice-serve") => uring_splice_serve(&args),
         _ => Err(anyhow::anyhow!("usage: ml-probe serve|send ...")),
     };
     if let Err(e) = r {
@@ -427,5 +428,53 @@ fn checks(args: &[String]) -> Result<()> {
         detail: format!("poll returned {n} after {} µs", waited.as_micros()),
     });
     println!("{}", serde_json::to_string(&checks)?);
+    Ok(())
+}
+
+/// A server that reads every connection with io_uring's IORING_OP_SPLICE (socket → pipe), the
+/// way an io_uring proxy moves bytes, and prints the bytes each connection carried.
+fn uring_splice_serve(args: &[String]) -> Result<()> {
+    use io_uring::{IoUring, opcode, types};
+    let listen: SocketAddr = arg(args, "--listen").context("--listen")?.parse()?;
+    let conns = num(args, "--conns", 1)?;
+    let l = TcpListener::bind(listen)?;
+    let mut ring = IoUring::new(8).context("io_uring_setup")?;
+    println!("listening {}", l.local_addr()?);
+    std::io::stdout().flush()?;
+    let (r, w) = nix::unistd::pipe()?;
+    let mut sink = vec![0u8; 1 << 16];
+    for _ in 0..conns {
+        let (c, _) = l.accept()?;
+        let mut total = 0u64;
+        loop {
+            let sqe = opcode::Splice::new(
+                types::Fd(c.as_raw_fd()),
+                -1,
+                types::Fd(w.as_raw_fd()),
+                -1,
+                1 << 16,
+            )
+            .build();
+            // SAFETY: the fds outlive the operation, which completes before the next loop.
+            unsafe { ring.submission().push(&sqe) }.context("submission queue full")?;
+            ring.submit_and_wait(1)?;
+            let cqe = ring.completion().next().context("no completion")?;
+            let n = cqe.result();
+            if n < 0 {
+                bail!("splice: {}", std::io::Error::from_raw_os_error(-n));
+            }
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            let mut left = n as usize;
+            while left > 0 {
+                left -= nix::unistd::read(&r, &mut sink[..left.min(1 << 16)])?;
+            }
+        }
+        println!("{total}");
+        std::io::stdout().flush()?;
+        drop(c);
+    }
     Ok(())
 }
