@@ -446,6 +446,10 @@ pub struct ReaderGuardStatus {
     pub detail: String,
     /// Pods caught: their new connections stay on the stack.
     pub pods: Vec<GuardedPod>,
+    /// Connections reset since the agent started because they were read with splice while in
+    /// the fast path (their readers would otherwise wait forever or see a silent EOF).
+    #[serde(default)]
+    pub reset_connections: u64,
 }
 
 /// A pod the reader guard caught, with its detections by kind.

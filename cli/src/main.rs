@@ -368,6 +368,13 @@ fn print_status(v: &Status) {
             p.excluded_sockets
         );
     }
+    if g.reset_connections > 0 {
+        println!(
+            "  {} connections read with splice while in the fast path were reset (they would \
+             have hung or ended short)",
+            g.reset_connections
+        );
+    }
     let q = &v.cni_queue;
     println!(
         "CNI queue:     {} waiting in {}, {} applied, {} refused (kept in failed/)",

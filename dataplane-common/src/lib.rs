@@ -60,10 +60,15 @@ pub mod map_names {
     /// `tcp_rcv_space_adjust` tracepoint (the splice runs in the submitter or an io-wq worker of
     /// its process, so the thread is not known in advance).
     pub const URING_TGIDS: &str = "ML_URING_TGIDS";
-    /// The netns of every established socket of an enrolled pod: the socket's kernel address
-    /// (`struct sock *`, as the tracepoints report it) → netns cookie (LRU). Written by sockops
-    /// at establishment, removed when the socket closes; read by the reader guard.
-    pub const SK_NETNS: &str = "ML_SK_NETNS";
+    /// Every established socket of an enrolled pod: the socket's kernel address (`struct sock
+    /// *`, as the tracepoints report it) → its [`super::SockKey`] (netns and tuple; LRU).
+    /// Written by sockops at establishment, removed when the socket closes; read by the reader
+    /// guard.
+    pub const SK_KEYS: &str = "ML_SK_KEYS";
+    /// Sockets seen read with a splice: [`super::SockKey`] → 1 (LRU). Written by the reader
+    /// guard; the agent resets those still in the fast path (their redirected bytes can never
+    /// reach the reader) and removes the entry.
+    pub const SPLICED: &str = "ML_SPLICED";
     /// Pods seen reading in a way the fast path cannot serve: netns cookie →
     /// [`super::ReaderPod`]. Written by the reader guard; read by sockops (their new connections
     /// stay on the stack) and the agent (which removes a pod's entry with the pod).
@@ -117,7 +122,8 @@ pub const REVNAT_CAPACITY: u32 = 131_072;
 pub const NOACCEL_PORTS_CAPACITY: u32 = 16_384;
 /// Threads in splice/sendfile at once, and sockets whose netns the detector can find.
 pub const SPLICING_CAPACITY: u32 = 16_384;
-pub const SK_NETNS_CAPACITY: u32 = 131_072;
+pub const SK_KEYS_CAPACITY: u32 = 131_072;
+pub const SPLICED_CAPACITY: u32 = 4_096;
 /// Offset of the socket's address (`skaddr`, `sk`) in the `tcp:tcp_rcv_space_adjust` and
 /// `sock:sock_recv_length` records; `protocol` and `flags` in the latter (Linux 6.x; the agent
 /// checks them against the tracepoints' formats before attaching the guard).
@@ -546,9 +552,9 @@ counters! {
     /// Established sockets not inserted: their pod, or the peer's, reads in a way the fast path
     /// cannot serve (splice, MSG_WAITALL, SO_RCVLOWAT).
     SockReaderExcluded = 49, "sock_reader_excluded";
-    /// A socket's netns could not be recorded for the reader guard (its map is full of live
-    /// entries): a guarded read on it would go undetected.
-    SkNetnsStoreError = 50, "sk_netns_store_error";
+    /// A socket could not be recorded for the reader guard (its map is full of live entries): a
+    /// guarded read on it would go undetected, or a spliced socket would not be reset.
+    SkKeyStoreError = 50, "sk_key_store_error";
     /// A guarded read was detected but its pod could not be recorded (the map is full).
     ReaderPodStoreError = 51, "reader_pod_store_error";
     /// A thread entering splice/sendfile could not be marked (the map is full): a splice by it

@@ -14,9 +14,9 @@ use core::mem::size_of;
 use crate::{
     Addr, BACKENDS_CAPACITY, BackendKey, COUNTER_SLOTS, Config, ENDPOINTS_CAPACITY, Endpoint,
     NETNS_CAPACITY, NOACCEL_PORTS_CAPACITY, NetnsInfo, ORIG_CAPACITY, PortKey, REVNAT_CAPACITY,
-    ReaderPod, RevNatKey, SERVICES_CAPACITY, SK_NETNS_CAPACITY, SOCK_STATS_CAPACITY,
-    SOCKHASH_CAPACITY, SPLICING_CAPACITY, Service, ServiceKey, ServiceStats, Sidecar, SockKey,
-    SockStats, map_names, sock_stats_capacity,
+    ReaderPod, RevNatKey, SERVICES_CAPACITY, SK_KEYS_CAPACITY, SOCK_STATS_CAPACITY,
+    SOCKHASH_CAPACITY, SPLICED_CAPACITY, SPLICING_CAPACITY, Service, ServiceKey, ServiceStats,
+    Sidecar, SockKey, SockStats, map_names, sock_stats_capacity,
 };
 
 /// The kind of a map; the discriminant is the kernel's `enum bpf_map_type` value (what the ELF's
@@ -153,7 +153,10 @@ pub const URING_REQS: MapSpec =
     MapSpec::new::<u64, u32>(map_names::URING_REQS, Lru, SPLICING_CAPACITY);
 pub const URING_TGIDS: MapSpec =
     MapSpec::new::<u32, u32>(map_names::URING_TGIDS, H, SPLICING_CAPACITY);
-pub const SK_NETNS: MapSpec = MapSpec::new::<u64, u64>(map_names::SK_NETNS, Lru, SK_NETNS_CAPACITY);
+pub const SK_KEYS: MapSpec =
+    MapSpec::new::<u64, SockKey>(map_names::SK_KEYS, Lru, SK_KEYS_CAPACITY);
+pub const SPLICED: MapSpec =
+    MapSpec::new::<SockKey, u32>(map_names::SPLICED, Lru, SPLICED_CAPACITY);
 pub const READER_PODS: MapSpec =
     MapSpec::new::<u64, ReaderPod>(map_names::READER_PODS, H, NETNS_CAPACITY);
 
@@ -176,7 +179,8 @@ pub const ALL: &[MapSpec] = &[
     SPLICING,
     URING_REQS,
     URING_TGIDS,
-    SK_NETNS,
+    SK_KEYS,
+    SPLICED,
     READER_PODS,
 ];
 
@@ -215,7 +219,8 @@ mod tests {
         map_names::SPLICING,
         map_names::URING_REQS,
         map_names::URING_TGIDS,
-        map_names::SK_NETNS,
+        map_names::SK_KEYS,
+        map_names::SPLICED,
         map_names::READER_PODS,
     ];
 

@@ -144,8 +144,11 @@ ml_maps! {
     ML_URING_REQS: LruHashMap<u64, u32> = maps::URING_REQS;
     ML_URING_TGIDS: HashMap<u32, u32> = maps::URING_TGIDS;
 
-    /// Socket address → netns of enrolled pods' sockets. Written by sockops; read by the guard.
-    ML_SK_NETNS: LruHashMap<u64, u64> = maps::SK_NETNS;
+    /// Socket address → key of enrolled pods' sockets. Written by sockops; read by the guard.
+    ML_SK_KEYS: LruHashMap<u64, SockKey> = maps::SK_KEYS;
+
+    /// Sockets seen spliced. Written by the guard; read and emptied by the agent.
+    ML_SPLICED: LruHashMap<SockKey, u32> = maps::SPLICED;
 
     /// Pods seen reading in ways the fast path cannot serve. Written by the guard; read by
     /// sockops and the agent.

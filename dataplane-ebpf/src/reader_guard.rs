@@ -26,11 +26,14 @@
 //! - cgroup/setsockopt sees `SO_RCVLOWAT` before the kernel applies it (on a listening socket:
 //!   before any connection it accepts exists).
 //!
-//! sockops recorded every enrolled socket's address → netns (`ML_SK_NETNS`), so the pod is
-//! found; it goes into `ML_READER_PODS`, and sockops inserts no socket of that pod, or
-//! connected to it, again. Connections already in the fast path at the moment of detection are
-//! not saved (their bytes are already queued where such a reader never looks); at most those are
-//! affected.
+//! sockops recorded every enrolled socket's address → key (`ML_SK_KEYS`), so the pod is found;
+//! it goes into `ML_READER_PODS`, and sockops inserts no socket of that pod, or connected to it,
+//! again. Connections already in the fast path at the moment of detection are not saved (their
+//! bytes are already queued where such a reader never looks); at most those are affected. A
+//! spliced socket is also recorded in `ML_SPLICED`: if it is in the fast path the agent resets
+//! it, so its reader and peer get an error instead of waiting forever for bytes splice cannot
+//! see (a MSG_WAITALL reader's connection goes on working after its short read and is left
+//! alone).
 //!
 //! These programs only read their context and write our maps; they never change a syscall or a
 //! socket option.
@@ -44,12 +47,12 @@ use aya_ebpf::{
     programs::{SockoptContext, TracePointContext},
 };
 use dataplane_common::{
-    Counter, RECV_LENGTH_FLAGS_OFFSET, RECV_LENGTH_PROTOCOL_OFFSET, ReaderPod, TP_SK_OFFSET,
-    URING_OPCODE_OFFSET, URING_REQ_OFFSET,
+    Counter, RECV_LENGTH_FLAGS_OFFSET, RECV_LENGTH_PROTOCOL_OFFSET, ReaderPod, SockKey,
+    TP_SK_OFFSET, URING_OPCODE_OFFSET, URING_REQ_OFFSET,
 };
 
 use crate::maps::{
-    ML_NETNS, ML_SK_NETNS, ML_SPLICING, ML_URING_REQS, ML_URING_TGIDS, count, guard_pod,
+    ML_NETNS, ML_SK_KEYS, ML_SPLICED, ML_SPLICING, ML_URING_REQS, ML_URING_TGIDS, count, guard_pod,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -103,13 +106,13 @@ pub fn ml_sendfile_out(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The netns of the enrolled socket at `sk` (a `struct sock *` from a tracepoint record).
+/// The key of the enrolled socket at `sk` (a `struct sock *` from a tracepoint record).
 #[inline(always)]
-fn pod_of(ctx: &TracePointContext) -> Option<u64> {
+fn socket_of(ctx: &TracePointContext) -> Option<SockKey> {
     // SAFETY: the record's socket address field (its offset is checked by the agent).
     let sk = unsafe { ctx.read_at::<u64>(TP_SK_OFFSET) }.ok()?;
     // SAFETY: a hash lookup; the value is copied out at once.
-    unsafe { ML_SK_NETNS.get(&sk) }.copied()
+    unsafe { ML_SK_KEYS.get(&sk) }.copied()
 }
 
 #[tracepoint(category = "io_uring", name = "io_uring_submit_req")]
@@ -177,9 +180,12 @@ pub fn ml_rcvspace(ctx: TracePointContext) -> u32 {
     if !splicing() {
         return 0;
     }
-    if let Some(netns) = pod_of(&ctx) {
+    if let Some(key) = socket_of(&ctx) {
         count(Counter::SpliceDetected, 1);
-        guard_pod(netns, |p: &mut ReaderPod| p.splice += 1);
+        guard_pod(key.netns, |p: &mut ReaderPod| p.splice += 1);
+        if ML_SPLICED.insert(&key, &1, BPF_ANY as u64).is_err() {
+            count(Counter::SkKeyStoreError, 1);
+        }
     }
     0
 }
@@ -197,9 +203,9 @@ pub fn ml_recv_length(ctx: TracePointContext) -> u32 {
     if protocol != IPPROTO_TCP {
         return 0;
     }
-    if let Some(netns) = pod_of(&ctx) {
+    if let Some(key) = socket_of(&ctx) {
         count(Counter::WaitallDetected, 1);
-        guard_pod(netns, |p: &mut ReaderPod| p.waitall += 1);
+        guard_pod(key.netns, |p: &mut ReaderPod| p.waitall += 1);
     }
     0
 }

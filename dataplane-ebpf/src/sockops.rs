@@ -21,7 +21,7 @@ use dataplane_common::{Counter, SockKey, SockStats, is_loopback, netns_flags};
 use crate::{
     key::{raw_tuple, sock_key},
     maps::{
-        ML_ENDPOINTS, ML_NETNS, ML_ORIG_DST, ML_ORIG_PENDING, ML_READER_PODS, ML_SK_NETNS,
+        ML_ENDPOINTS, ML_NETNS, ML_ORIG_DST, ML_ORIG_PENDING, ML_READER_PODS, ML_SK_KEYS,
         ML_SOCK_STATS, ML_SOCKS, accel_allowed, count, evict, peer_netns, port_excluded,
     },
 };
@@ -55,7 +55,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Counter> {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // The address may be reused for another socket: forget it now.
             let _absent_is_fine: Result<(), i64> =
-                ML_SK_NETNS.remove(&sk_address(ctx)).map_err(i64::from);
+                ML_SK_KEYS.remove(&sk_address(ctx)).map_err(i64::from);
             // sock_ops only sees TCP sockets, all IPv4 or IPv6: the key cannot be missing, so
             // there is nothing to count.
             if let Some(key) = key_of(ctx) {
@@ -155,11 +155,11 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
         // socket's statistics if it joins the fast path below; should asking for it fail, the
         // LRU evicts the address and the statistics go when the same tuple is established
         // again.
-        if ML_SK_NETNS
-            .insert(&sk_address(ctx), &key.netns, BPF_ANY as u64)
+        if ML_SK_KEYS
+            .insert(&sk_address(ctx), &key, BPF_ANY as u64)
             .is_err()
         {
-            count(Counter::SkNetnsStoreError, 1);
+            count(Counter::SkKeyStoreError, 1);
         }
         let _kept_until_lru_eviction: Result<(), i32> =
             ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);

@@ -51,6 +51,8 @@ pub struct Agent {
     pub(crate) cni_queue: CniQueue,
     /// Cookies of namespaces that must never be enrolled: the agent's own and PID 1's.
     pub(crate) host_cookies: Vec<u64>,
+    /// Spliced connections reset since the agent started (see [`Agent::reset_spliced`]).
+    pub(crate) spliced_resets: u64,
 }
 
 impl std::fmt::Debug for Agent {
@@ -163,6 +165,7 @@ impl Agent {
             services,
             cni_queue: CniQueue::new(config.cni_queue_dir.clone()),
             host_cookies,
+            spliced_resets: 0,
         };
         agent.reconcile()?;
         agent.poll_services();
@@ -182,6 +185,46 @@ impl Agent {
     /// Whether connections already in the fast path are sent through the stack now.
     fn established_moved(&self) -> bool {
         !self.state.accel_wanted && self.state.move_established
+    }
+
+    /// Resets the connections the reader guard saw spliced while they were in the fast path: their
+    /// redirected bytes wait where splice never reads, so the reader would wait forever (or see
+    /// a silent EOF when the peer closes). A reset makes both ends fail loudly instead. Sockets
+    /// no longer in the fast path are only forgotten.
+    pub fn reset_spliced(&mut self) {
+        let keys = match self.maps.spliced() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the spliced sockets");
+                return;
+            }
+        };
+        for key in keys {
+            let doomed = self.maps.in_fast_path(&key).unwrap_or(false);
+            let pod = self.state.pods.iter().find(|p| p.netns_cookie == key.netns);
+            if let (true, Some(pod)) = (doomed, pod) {
+                let local = crate::addr::key_socket_addr(key.local_ip, key.local_port);
+                let remote = crate::addr::key_socket_addr(key.remote_ip, key.remote_port);
+                match sys::destroy_tcp(&pod.netns, local, remote) {
+                    Ok(()) => {
+                        self.spliced_resets += 1;
+                        tracing::warn!(
+                            pod = %pod.label(), %local, %remote,
+                            "reset a connection read with splice while in the fast path"
+                        );
+                    }
+                    // Gone already (closed meanwhile) is fine.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => tracing::warn!(
+                        pod = %pod.label(), %local, %remote, error = %e,
+                        "could not reset a spliced connection"
+                    ),
+                }
+            }
+            if let Err(e) = self.maps.del_spliced(&key) {
+                tracing::warn!(error = %e, "forgetting a spliced socket");
+            }
+        }
     }
 
     /// Applies the services file if it changed, and logs what happened.
@@ -342,6 +385,7 @@ impl Agent {
                         excluded_sockets: seen.excluded.into(),
                     })
                     .collect(),
+                reset_connections: self.spliced_resets,
             },
         })
     }

@@ -192,6 +192,7 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
         sidecars: take(&mut ebpf, map_names::SIDECARS)?,
         noaccel: take(&mut ebpf, map_names::NOACCEL_PORTS)?,
         reader_pods: take(&mut ebpf, map_names::READER_PODS)?,
+        spliced: take(&mut ebpf, map_names::SPLICED)?,
     };
     Ok((
         Loaded {

@@ -24,6 +24,7 @@ pub struct Maps {
     pub(crate) sidecars: HashMap<MapData, u64, Sidecar>,
     pub(crate) noaccel: HashMap<MapData, PortKey, u32>,
     pub(crate) reader_pods: HashMap<MapData, u64, ReaderPod>,
+    pub(crate) spliced: HashMap<MapData, SockKey, u32>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -258,6 +259,30 @@ impl Maps {
     /// Pods the reader guard caught, with their detections.
     pub fn reader_pods(&self) -> Result<Vec<(u64, ReaderPod)>> {
         collect(self.reader_pods.iter(), map_names::READER_PODS)
+    }
+
+    /// Sockets the reader guard saw spliced, not handled yet.
+    pub fn spliced(&self) -> Result<Vec<SockKey>> {
+        Ok(collect(self.spliced.iter(), map_names::SPLICED)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    pub fn del_spliced(&mut self, key: &SockKey) -> Result<()> {
+        ignore_missing(self.spliced.remove(key), map_names::SPLICED)
+    }
+
+    /// Whether the socket is in the fast path (its statistics entry exists exactly then).
+    pub fn in_fast_path(&self, key: &SockKey) -> Result<bool> {
+        match self.stats.get(key, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(Error::Map {
+                name: map_names::SOCK_STATS,
+                source,
+            }),
+        }
     }
 
     pub fn del_reader_pod(&mut self, netns: u64) -> Result<()> {

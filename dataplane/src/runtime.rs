@@ -61,6 +61,7 @@ async fn serve(agent: Agent, listen: &Listen) -> Result<()> {
                     Ok(mut a) => {
                         a.poll_services();
                         a.drain_cni_queue();
+                        a.reset_spliced();
                     }
                     Err(_) => tracing::error!("agent state poisoned; inputs not polled"),
                 })

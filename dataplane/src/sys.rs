@@ -178,6 +178,112 @@ pub fn current_netns_cookie() -> std::io::Result<u64> {
     Ok(cookie)
 }
 
+/// Aborts the established TCP socket `local` ↔ `remote` of the network namespace `netns`, as
+/// `ss -K` does (sock_diag `SOCK_DESTROY`, CONFIG_INET_DIAG_DESTROY): its owner's pending and
+/// later calls fail with ECONNABORTED and the peer gets a reset. On a thread of its own, which
+/// enters the namespace.
+pub fn destroy_tcp(
+    netns: &Path,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> std::io::Result<()> {
+    let fd = File::open(netns)?;
+    std::thread::spawn(move || -> std::io::Result<()> {
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        sock_destroy(local, remote)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the SOCK_DESTROY thread panicked"))?
+}
+
+/// `SOCK_DESTROY` (linux/sock_diag.h) and the sizes of the request it takes.
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_HDR: usize = 16;
+const INET_DIAG_REQ_V2: usize = 56;
+
+/// The request: `nlmsghdr` + `inet_diag_req_v2` (linux/inet_diag.h), native endian except the
+/// ports and addresses, which are in network order.
+fn sock_destroy_request(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Vec<u8> {
+    use std::net::IpAddr;
+    let v4 = |a: IpAddr| match a {
+        IpAddr::V4(v) => Some(v),
+        IpAddr::V6(v) => v.to_ipv4_mapped(),
+    };
+    // IPv4 (and IPv4-mapped) sockets are found through the IPv4 tables.
+    let (family, src, dst) = match (v4(local.ip()), v4(remote.ip())) {
+        (Some(s), Some(d)) => {
+            let mut a = [0u8; 16];
+            let mut b = [0u8; 16];
+            a[..4].copy_from_slice(&s.octets());
+            b[..4].copy_from_slice(&d.octets());
+            (libc::AF_INET as u8, a, b)
+        }
+        _ => {
+            let six = |a: IpAddr| match a {
+                IpAddr::V6(v) => v.octets(),
+                IpAddr::V4(v) => v.to_ipv6_mapped().octets(),
+            };
+            (libc::AF_INET6 as u8, six(local.ip()), six(remote.ip()))
+        }
+    };
+    let len = NLMSG_HDR + INET_DIAG_REQ_V2;
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&SOCK_DESTROY.to_ne_bytes());
+    m.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    m.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    m.extend_from_slice(&local.port().to_be_bytes());
+    m.extend_from_slice(&remote.port().to_be_bytes());
+    m.extend_from_slice(&src);
+    m.extend_from_slice(&dst);
+    m.extend_from_slice(&0u32.to_ne_bytes()); // any interface
+    m.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    debug_assert_eq!(m.len(), len);
+    m
+}
+
+fn sock_destroy(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> std::io::Result<()> {
+    use nix::sys::socket::{
+        AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto, socket,
+    };
+    let s = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    let req = sock_destroy_request(local, remote);
+    sendto(
+        s.as_raw_fd(),
+        &req,
+        &NetlinkAddr::new(0, 0),
+        nix::sys::socket::MsgFlags::empty(),
+    )?;
+    // The answer is an NLMSG_ERROR whose error field (after the 16-byte header) is 0 or -errno.
+    let mut buf = [0u8; 256];
+    let n = recv(s.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty())?;
+    if n < NLMSG_HDR + 4 {
+        return Err(std::io::Error::other(format!(
+            "short sock_diag answer ({n} bytes)"
+        )));
+    }
+    let ty = u16::from_ne_bytes([buf[4], buf[5]]);
+    if ty != libc::NLMSG_ERROR as u16 {
+        return Err(std::io::Error::other(format!(
+            "unexpected sock_diag answer type {ty}"
+        )));
+    }
+    let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+    if err == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(-err))
+    }
+}
+
 /// Brings `lo` up in the current network namespace (a new netns starts with it down).
 pub fn set_loopback_up() -> std::io::Result<()> {
     // SAFETY: socket(2) for the ioctl; closed below.
@@ -221,6 +327,30 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(parse_mountinfo_fs(text, "bpf"), None);
+    }
+
+    #[test]
+    fn sock_destroy_requests_are_laid_out_like_inet_diag_req_v2() {
+        let r = sock_destroy_request(
+            "10.0.0.2:8080".parse().unwrap(),
+            "[::ffff:10.0.0.3]:40000".parse().unwrap(),
+        );
+        assert_eq!(r.len(), 72);
+        assert_eq!(u32::from_ne_bytes(r[0..4].try_into().unwrap()), 72);
+        assert_eq!(u16::from_ne_bytes([r[4], r[5]]), 21);
+        // Family and protocol: a mapped peer of an IPv4 socket is looked up as IPv4.
+        assert_eq!((r[16], r[17]), (libc::AF_INET as u8, 6));
+        assert_eq!(&r[24..26], &8080u16.to_be_bytes());
+        assert_eq!(&r[26..28], &40000u16.to_be_bytes());
+        assert_eq!(&r[28..32], &[10, 0, 0, 2]);
+        assert_eq!(&r[44..48], &[10, 0, 0, 3]);
+        assert_eq!(&r[64..72], &[0xff; 8]);
+        let r = sock_destroy_request(
+            "[fd00::2]:1".parse().unwrap(),
+            "[fd00::3]:2".parse().unwrap(),
+        );
+        assert_eq!(r[16], libc::AF_INET6 as u8);
+        assert_eq!(r[28], 0xfd);
     }
 
     #[test]

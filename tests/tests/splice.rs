@@ -186,6 +186,101 @@ fn reader_is_detected(mode: &str) -> Result<()> {
     Ok(())
 }
 
+/// A splice server that answers each request: reads up to 64 KiB with os.splice, writes back how
+/// many bytes it got, and goes on until EOF or an error, which it prints.
+const SPLICE_ECHO: &str = r#"
+import os, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port))
+s.listen(64)
+print("listening", flush=True)
+for _ in range(n):
+    c, _ = s.accept()
+    r, w = os.pipe()
+    try:
+        while True:
+            k = os.splice(c.fileno(), w, 1 << 16)
+            if k == 0:
+                print("eof", flush=True)
+                break
+            os.read(r, k)
+            c.sendall(str(k).encode() + b"\n")
+    except OSError as e:
+        print("error", e.errno, flush=True)
+    c.close()
+"#;
+
+/// A client that sends 1000 bytes and waits up to 10 s for the answer: prints `ok`, `timeout`, or
+/// the error it got.
+const ECHO_CLIENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+c = socket.create_connection((host, port))
+c.settimeout(10)
+c.sendall(b"x" * 1000)
+try:
+    got = c.recv(100)
+    print("ok" if got.strip() == b"1000" else "answer %r" % got, flush=True)
+except socket.timeout:
+    print("timeout", flush=True)
+except OSError as e:
+    print("error", e.errno, flush=True)
+"#;
+
+/// A splice reader in a request/response exchange: on the connection that was already in the fast
+/// path when the guard saw the splice, the request waits in a queue splice never reads, so the
+/// exchange would hang forever. The agent resets that connection (SOCK_DESTROY): both ends get an
+/// error within a second or two, not a hang; the next connections work.
+#[test]
+fn a_splice_reader_in_a_request_response_fails_loudly_then_works() -> Result<()> {
+    let lab = Lab::with_agent(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let mut server = lab.cmd(&b, "python3")?;
+    server.args(["-c", SPLICE_ECHO, &b.ip.to_string(), "7955", "3"]);
+    let mut server = spawn_piped(&mut server)?;
+    let (_, lines) = wait_for_line(&mut server, Duration::from_secs(10), |l| l == "listening")?;
+    let mut said = Vec::new();
+    for i in 0..3 {
+        let started = std::time::Instant::now();
+        let out = lab
+            .cmd(&a, "python3")?
+            .args(["-c", ECHO_CLIENT, &b.ip.to_string(), "7955"])
+            .output()?;
+        let client = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        said.push((i, client.clone(), started.elapsed()));
+        if i == 0 {
+            let srv = lines
+                .recv_timeout(Duration::from_secs(10))
+                .context("the server said nothing about connection 0")?;
+            eprintln!(
+                "connection 0: client {client:?}, server {srv:?} after {:?}",
+                started.elapsed()
+            );
+            assert!(
+                client.starts_with("error"),
+                "connection 0 did not fail loudly: {said:?}"
+            );
+            assert!(
+                srv.starts_with("error"),
+                "the server's splice did not fail: {srv}"
+            );
+        } else {
+            assert_eq!(client, "ok", "connection {i}: {said:?}");
+        }
+    }
+    let _ = server.kill();
+    let st = lab.call(&Request::Status)?;
+    assert!(
+        lab.counter("splice_detected")? > 0
+            && st["reader_guard"]["reset_connections"].as_u64() >= Some(1),
+        "{:#}",
+        st["reader_guard"]
+    );
+    Ok(())
+}
+
 /// The plain Go io.Copy proxy built by the test set-up.
 fn goproxy() -> Result<std::path::PathBuf> {
     let p = std::path::Path::new("/var/cache/meshlane/bin/goproxy");
@@ -232,6 +327,11 @@ fn through_go_proxy(
                 .args(["send", "--to", listen, "--bytes", &size.to_string()])
                 .output()?;
             if !out.status.success() {
+                eprintln!(
+                    "connection {i} ({size} B): {} {}",
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
                 bad.push(i);
             }
         }
