@@ -177,38 +177,50 @@ fn lowat_sizes() -> Vec<usize> {
     SIZES.iter().copied().filter(|s| *s >= 2).collect()
 }
 
+/// Connections a → b against the server in `mode`: at most the first (open when the guard first
+/// saw the pod) is affected — short at its first read when `whole_first`, or not byte-exact —
+/// `counter` counted the detection, every later connection's two sockets were kept off the fast
+/// path, and the pod is listed with `kind`.
+fn caught_after_the_first(
+    port: u16,
+    mode: &str,
+    sizes: &[usize],
+    whole_first: bool,
+    (counter, kind, words): (&str, &str, &str),
+) -> Result<()> {
+    let lab = Lab::with_agent(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let excluded0 = lab.counter("sock_reader_excluded")?;
+    let rounds = waitall_rounds(&lab, &a, &b, port, mode, sizes)?;
+    let bad = affected(&rounds, whole_first);
+    eprintln!(
+        "{words}: connections affected: {} of {} ({bad:?})",
+        bad.len(),
+        sizes.len()
+    );
+    assert!(
+        bad.iter().all(|(i, ..)| *i == 0),
+        "connections after the first detection were affected: {bad:?}"
+    );
+    assert!(lab.counter(counter)? > 0, "{counter}: nothing detected");
+    let later = 2 * (sizes.len() as u64 - 1);
+    assert!(
+        lab.counter("sock_reader_excluded")? >= excluded0 + later,
+        "the later connections were not kept off the fast path"
+    );
+    guarded(&lab, "lab/b", kind, words, later)
+}
+
 /// A blocking MSG_WAITALL reader: every connection after the first detection gets all it asked
 /// for in one call; the pod is listed.
 #[test]
 fn a_waitall_reader_gets_whole_reads_after_the_first_detection() -> Result<()> {
-    let lab = Lab::with_agent(&["a", "b"], true, &[])?;
-    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
-    let excluded0 = lab.counter("sock_reader_excluded")?;
-    let rounds = waitall_rounds(&lab, &a, &b, 7970, "waitall", &SIZES)?;
-    let bad = affected(&rounds, true);
-    eprintln!(
-        "MSG_WAITALL: connections affected: {} of {} ({bad:?})",
-        bad.len(),
-        SIZES.len()
-    );
-    assert!(
-        bad.iter().all(|(i, ..)| *i == 0),
-        "connections after the first detection were short: {bad:?}"
-    );
-    assert!(
-        lab.counter("waitall_detected")? > 0,
-        "no MSG_WAITALL read was detected"
-    );
-    assert!(
-        lab.counter("sock_reader_excluded")? >= excluded0 + 2 * (SIZES.len() as u64 - 1),
-        "the later connections were not kept off the fast path"
-    );
-    guarded(
-        &lab,
-        "lab/b",
+    caught_after_the_first(
+        7970,
         "waitall",
-        "MSG_WAITALL",
-        2 * (SIZES.len() as u64 - 1),
+        &SIZES,
+        true,
+        ("waitall_detected", "waitall", "MSG_WAITALL"),
     )
 }
 
@@ -216,24 +228,12 @@ fn a_waitall_reader_gets_whole_reads_after_the_first_detection() -> Result<()> {
 /// later one stays on the stack, where the kernel honours the option.
 #[test]
 fn an_rcvlowat_reader_is_kept_off_the_fast_path_after_the_first_detection() -> Result<()> {
-    let lab = Lab::with_agent(&["a", "b"], true, &[])?;
-    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
-    let excluded0 = lab.counter("sock_reader_excluded")?;
-    let sizes = lowat_sizes();
-    let rounds = waitall_rounds(&lab, &a, &b, 7971, "lowat", &sizes)?;
-    let bad = affected(&rounds, false);
-    assert!(bad.is_empty(), "connections were not byte-exact: {bad:?}");
-    assert!(lab.counter("rcvlowat_detected")? > 0);
-    assert!(
-        lab.counter("sock_reader_excluded")? >= excluded0 + 2 * (sizes.len() as u64 - 1),
-        "the later connections were not kept off the fast path"
-    );
-    guarded(
-        &lab,
-        "lab/b",
-        "rcvlowat",
-        "SO_RCVLOWAT",
-        2 * (sizes.len() as u64 - 1),
+    caught_after_the_first(
+        7971,
+        "lowat",
+        &lowat_sizes(),
+        false,
+        ("rcvlowat_detected", "rcvlowat", "SO_RCVLOWAT"),
     )
 }
 

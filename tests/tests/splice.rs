@@ -11,8 +11,9 @@ use anyhow::{Context as _, Result, bail};
 use meshlane_api::Request;
 use meshlane_lab::{Lab, spawn_piped, wait_for_line};
 
-/// A server that reads every connection with os.splice (or, with mode `sendfile`, os.sendfile)
-/// into a pipe, and prints the bytes it got.
+/// A server that reads every connection with os.splice (mode `sendfile`: os.sendfile) into a
+/// pipe and prints the bytes it got; mode `echo` also answers every read with its length and
+/// prints `eof` at the end. A failed read prints `error ERRNO`.
 const SPLICE_SERVER: &str = r#"
 import os, socket, sys
 host, port, n, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -25,17 +26,23 @@ for _ in range(n):
     c, _ = s.accept()
     r, w = os.pipe()
     total = 0
-    while True:
-        if mode == "sendfile":
-            k = os.sendfile(w, c.fileno(), None, 1 << 16)
-        else:
-            k = os.splice(c.fileno(), w, 1 << 16)
-        if k == 0:
-            break
-        total += k
-        while k > 0:
-            k -= len(os.read(r, k))
-    print(total, flush=True)
+    try:
+        while True:
+            if mode == "sendfile":
+                k = os.sendfile(w, c.fileno(), None, 1 << 16)
+            else:
+                k = os.splice(c.fileno(), w, 1 << 16)
+            if k == 0:
+                break
+            total += k
+            left = k
+            while left > 0:
+                left -= len(os.read(r, left))
+            if mode == "echo":
+                c.sendall(str(k).encode() + b"\n")
+        print("eof" if mode == "echo" else total, flush=True)
+    except OSError as e:
+        print("error", e.errno, flush=True)
     c.close()
     os.close(r)
     os.close(w)
@@ -186,32 +193,6 @@ fn reader_is_detected(mode: &str) -> Result<()> {
     Ok(())
 }
 
-/// A splice server that answers each request: reads up to 64 KiB with os.splice, writes back how
-/// many bytes it got, and goes on until EOF or an error, which it prints.
-const SPLICE_ECHO: &str = r#"
-import os, socket, sys
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, port))
-s.listen(64)
-print("listening", flush=True)
-for _ in range(n):
-    c, _ = s.accept()
-    r, w = os.pipe()
-    try:
-        while True:
-            k = os.splice(c.fileno(), w, 1 << 16)
-            if k == 0:
-                print("eof", flush=True)
-                break
-            os.read(r, k)
-            c.sendall(str(k).encode() + b"\n")
-    except OSError as e:
-        print("error", e.errno, flush=True)
-    c.close()
-"#;
-
 /// A client that sends 1000 bytes and waits up to 10 s for the answer: prints `ok`, `timeout`, or
 /// the error it got.
 const ECHO_CLIENT: &str = r#"
@@ -238,7 +219,7 @@ fn a_splice_reader_in_a_request_response_fails_loudly_then_works() -> Result<()>
     let lab = Lab::with_agent(&["a", "b"], true, &[])?;
     let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
     let mut server = lab.cmd(&b, "python3")?;
-    server.args(["-c", SPLICE_ECHO, &b.ip.to_string(), "7955", "3"]);
+    server.args(["-c", SPLICE_SERVER, &b.ip.to_string(), "7955", "3", "echo"]);
     let mut server = spawn_piped(&mut server)?;
     let (_, lines) = wait_for_line(&mut server, Duration::from_secs(10), |l| l == "listening")?;
     let mut said = Vec::new();
