@@ -30,10 +30,10 @@
 //! it goes into `ML_READER_PODS`, and sockops inserts no socket of that pod, or connected to it,
 //! again. Connections already in the fast path at the moment of detection are not saved (their
 //! bytes are already queued where such a reader never looks); at most those are affected. A
-//! spliced socket is also recorded in `ML_SPLICED`: if it is in the fast path the agent resets
-//! it, so its reader and peer get an error instead of waiting forever for bytes splice cannot
-//! see (a MSG_WAITALL reader's connection goes on working after its short read and is left
-//! alone).
+//! socket spliced by a splice(2)/sendfile(2) call is also recorded in `ML_SPLICED`: if it is in
+//! the fast path the agent resets it, so its reader and peer get an error instead of waiting
+//! forever for bytes splice cannot see (an io_uring detection is a guess and never resets; a
+//! MSG_WAITALL reader's connection goes on working after its short read and is left alone).
 //!
 //! These programs only read their context and write our maps; they never change a syscall or a
 //! socket option.
@@ -166,24 +166,42 @@ pub fn ml_uring_done(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Whether the current thread is inside a splice: a splice/sendfile syscall, or an io_uring
-/// splice of its process in flight.
+/// How sure the guard is that the current thread is splicing the socket it reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Splicing {
+    No,
+    /// An io_uring splice of this process is in flight: the read may be it, or another TCP
+    /// read of the process.
+    Maybe,
+    /// The thread is inside splice(2)/sendfile(2), which reads only the socket it was given.
+    Surely,
+}
+
 #[inline(always)]
-fn splicing() -> bool {
+fn splicing() -> Splicing {
     // SAFETY: a helper without arguments; then hash lookups used for presence only.
     let id = unsafe { bpf_get_current_pid_tgid() };
-    unsafe { ML_SPLICING.get(&id).is_some() || ML_URING_TGIDS.get(&((id >> 32) as u32)).is_some() }
+    if unsafe { ML_SPLICING.get(&id) }.is_some() {
+        Splicing::Surely
+    } else if unsafe { ML_URING_TGIDS.get(&((id >> 32) as u32)) }.is_some() {
+        Splicing::Maybe
+    } else {
+        Splicing::No
+    }
 }
 
 #[tracepoint(category = "tcp", name = "tcp_rcv_space_adjust")]
 pub fn ml_rcvspace(ctx: TracePointContext) -> u32 {
-    if !splicing() {
+    let how = splicing();
+    if how == Splicing::No {
         return 0;
     }
     if let Some(key) = socket_of(&ctx) {
         count(Counter::SpliceDetected, 1);
         guard_pod(key.netns, |p: &mut ReaderPod| p.splice += 1);
-        if ML_SPLICED.insert(&key, &1, BPF_ANY as u64).is_err() {
+        // Only a certain detection may cost a connection (the agent resets it); a guess only
+        // costs the pod the fast path.
+        if how == Splicing::Surely && ML_SPLICED.insert(&key, &1, BPF_ANY as u64).is_err() {
             count(Counter::SkKeyStoreError, 1);
         }
     }
