@@ -285,9 +285,10 @@ impl Agent {
             return Err(Error::Unavailable(format!(
                 "established connections cannot be moved off the fast path on this kernel: \
                  their peers would receive through the stack while still in the SOCKHASH, and \
-                 the self-test found that wrong for readers ({}; the fix is kernel commit \
-                 04af4efde58a). Nothing changed; `accel off` without --move-established keeps \
-                 new connections out and lets established ones finish in the fast path",
+                 the self-test found that wrong for readers ({}; kernels with 929e30f93125 \
+                 but not 04af4efde58a under-report FIONREAD so). Nothing changed; `accel off` \
+                 without --move-established keeps new connections out and lets established \
+                 ones finish in the fast path",
                 self.selftest.stack_delivery_failures()
             )));
         }
