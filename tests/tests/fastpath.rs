@@ -224,27 +224,7 @@ fn fionread_epoll_poll_and_nginx_under_wrk() -> Result<()> {
     }
 
     // nginx in b, wrk in a, through the fast path.
-    let www = lab.dir.join("www");
-    std::fs::create_dir_all(&www)?;
-    std::fs::write(www.join("1k"), vec![b'x'; 1024])?;
-    std::fs::write(www.join("256k"), vec![b'y'; 256 * 1024])?;
-    let nginx = meshlane_lab::svc::nginx(&lab, &b, &format!("{}:8080", b.ip), &www)?;
-    let url = format!("http://{}:8080", b.ip);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let ok = lab
-            .cmd(&a, "curl")?
-            .args(["-sf", "-o", "/dev/null", &format!("{url}/1k")])
-            .status()?
-            .success();
-        if ok {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("nginx did not answer within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (nginx, url) = nginx_answering(&lab, &a, &b)?;
     let result = (|| -> Result<()> {
         for path in ["1k", "256k"] {
             let before = lab.counter("bytes_redirected")?;
@@ -287,23 +267,19 @@ fn fionread_epoll_poll_and_nginx_under_wrk() -> Result<()> {
     result
 }
 
-/// The kill switch in the middle of keep-alive traffic: nginx's connections stay in the fast path
-/// until they close (no SOCKHASH socket receives bytes through the stack, which FIONREAD does not
-/// count on this kernel: 929e30f93125 without 04af4efde58a), new connections stay on the stack,
-/// and no request stalls or fails.
-#[test]
-fn the_kill_switch_keeps_keepalive_readers_working() -> Result<()> {
-    let lab = lab(&["a", "b"], true, &[])?;
-    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+/// nginx in `b` serving `/1k` and `/256k`, answering `a`'s curl (waited for with a deadline).
+/// Returns the server (stopped on drop) and its base URL.
+fn nginx_answering(lab: &Lab, a: &Pod, b: &Pod) -> Result<(meshlane_lab::svc::Proc, String)> {
     let www = lab.dir.join("www");
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("1k"), vec![b'x'; 1024])?;
-    let nginx = meshlane_lab::svc::nginx(&lab, &b, &format!("{}:8080", b.ip), &www)?;
-    let url = format!("http://{}:8080/1k", b.ip);
+    std::fs::write(www.join("256k"), vec![b'y'; 256 * 1024])?;
+    let nginx = meshlane_lab::svc::nginx(lab, b, &format!("{}:8080", b.ip), &www)?;
+    let url = format!("http://{}:8080", b.ip);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !lab
-        .cmd(&a, "curl")?
-        .args(["-sf", "-o", "/dev/null", &url])
+        .cmd(a, "curl")?
+        .args(["-sf", "-o", "/dev/null", &format!("{url}/1k")])
         .status()?
         .success()
     {
@@ -312,6 +288,19 @@ fn the_kill_switch_keeps_keepalive_readers_working() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok((nginx, url))
+}
+
+/// The kill switch in the middle of keep-alive traffic: nginx's connections stay in the fast path
+/// until they close (no SOCKHASH socket receives bytes through the stack, which FIONREAD does not
+/// count on this kernel: 929e30f93125 without 04af4efde58a), new connections stay on the stack,
+/// and no request stalls or fails.
+#[test]
+fn the_kill_switch_keeps_keepalive_readers_working() -> Result<()> {
+    let lab = lab(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let (nginx, url) = nginx_answering(&lab, &a, &b)?;
+    let url = format!("{url}/1k");
     let result = (|| -> Result<()> {
         let redirected0 = lab.counter("bytes_redirected")?;
         let mut wrk = lab.cmd(&a, "wrk")?;
