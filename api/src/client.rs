@@ -150,6 +150,7 @@ impl Client {
             name,
             sidecar,
             accel,
+            telemetry: None,
             cni: None,
         })
     }
@@ -187,6 +188,10 @@ impl Client {
             on,
             move_established,
         })
+    }
+
+    pub fn flows(&mut self, query: crate::flows::FlowQuery) -> Result<crate::flows::Flows> {
+        self.call(&Request::Flows { query })
     }
 
     pub fn uninstall(&mut self) -> Result<Uninstalled> {

@@ -12,6 +12,7 @@
 //!   `meshlane services check` validates offline) and [`services::ServiceSpec`], the typed
 //!   service table.
 //!
+//! - [`flows`]: flow telemetry records (`meshlane observe`) and their query;
 //! - [`pins`]: where the agent pins its maps and links, and their removal without an agent;
 //! - [`queue`]: the CNI plugin's queue of requests for an agent that is away.
 //!
@@ -19,6 +20,7 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod flows;
 pub mod pins;
 pub mod queue;
 pub mod services;

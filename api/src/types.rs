@@ -34,6 +34,13 @@ pub struct Pod {
     /// What of the pod's traffic may take the fast path; none: all of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<AccelSpec>,
+    /// Its connections are observed (flow telemetry).
+    #[serde(default = "telemetry_on")]
+    pub telemetry: bool,
+}
+
+fn telemetry_on() -> bool {
+    true
 }
 
 /// How much of a pod's same-node traffic may skip the stack. Workloads that read sockets with
@@ -436,6 +443,9 @@ pub struct Status {
     /// Whether pods that read in ways redirected bytes cannot serve (splice(2), sendfile(2),
     /// `MSG_WAITALL`, `SO_RCVLOWAT`) are detected and kept off the fast path.
     pub reader_guard: ReaderGuardStatus,
+    /// Flow telemetry.
+    #[serde(default)]
+    pub telemetry: crate::flows::TelemetryStatus,
 }
 
 /// The reader guard in `meshlane status`.

@@ -14,7 +14,10 @@ use std::{fmt, net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{AccelSpec, AttachmentRef, CniAttachment, SidecarSpec};
+use crate::{
+    flows::FlowQuery,
+    types::{AccelSpec, AttachmentRef, CniAttachment, SidecarSpec},
+};
 
 /// Largest request line the agent reads; longer ones are refused (and drained up to
 /// [`MAX_DRAIN_BYTES`], so the refusal reaches a client that is still writing).
@@ -37,6 +40,9 @@ pub enum Request {
         /// Keep all of the pod's traffic, or some ports, out of the fast path; absent: none.
         #[serde(default)]
         accel: Option<AccelSpec>,
+        /// Observe the pod's connections (flow telemetry); absent: yes.
+        #[serde(default)]
+        telemetry: Option<bool>,
         /// Set by the CNI plugin: the attachment this enrollment belongs to. Adding the same
         /// attachment for the same netns again answers the existing pod (CNI retries ADD).
         #[serde(default)]
@@ -77,6 +83,11 @@ pub enum Request {
     },
     /// Detach and unpin everything, then stop the agent. Answer: [`crate::types::Uninstalled`].
     Uninstall,
+    /// Recent flow records, filtered. Answer: [`crate::flows::Flows`].
+    Flows {
+        #[serde(default)]
+        query: FlowQuery,
+    },
 }
 
 impl Request {
@@ -92,6 +103,7 @@ impl Request {
             Request::Services => "services",
             Request::Accel { .. } => "accel",
             Request::Uninstall => "uninstall",
+            Request::Flows { .. } => "flows",
         }
     }
 }
@@ -203,6 +215,7 @@ mod tests {
                 name: None,
                 sidecar: None,
                 accel: None,
+                telemetry: None,
                 cni: None,
             }
         );

@@ -8,7 +8,9 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use meshlane_api::{
-    Client, Request, defaults, pins, services,
+    Client, Request, defaults,
+    flows::{FlowKind, FlowQuery, FlowRecord},
+    pins, services,
     types::{AccelSpec, Pod, ServiceView, ServicesSummary, SidecarSpec, Status},
 };
 
@@ -56,6 +58,28 @@ enum Cmd {
         /// (refused where the agent's self-test found that unsafe for their readers).
         #[arg(long)]
         move_established: bool,
+    },
+    /// Flows as the agent sees them (like `hubble observe`): the recent ones, then new ones as
+    /// they come with --follow. --json prints one object per line (see the README for every
+    /// field).
+    Observe {
+        /// Either end is this pod (NAMESPACE/NAME).
+        #[arg(long)]
+        pod: Option<String>,
+        /// Either end is a pod of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only this protocol (tcp).
+        #[arg(long)]
+        protocol: Option<String>,
+        /// How many recent records to print first (at most 10000).
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+        /// Keep printing new records until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Detach and unpin everything and stop the agent. Without a running agent, removes the
     /// pins under --bpffs directly.
@@ -130,6 +154,9 @@ enum PodCmd {
         /// Ports whose connections stay on the stack, at either end (comma-separated).
         #[arg(long, value_delimiter = ',', conflicts_with = "no_accelerate")]
         exclude_accel_ports: Vec<u16>,
+        /// Do not observe the pod's connections (flow telemetry is on by default).
+        #[arg(long)]
+        no_telemetry: bool,
     },
     /// Remove a pod by netns path or by name.
     Del {
@@ -143,6 +170,56 @@ enum PodCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// One record as `observe` prints it without --json.
+fn flow_line(r: &FlowRecord) -> String {
+    let end = |e: &meshlane_api::flows::FlowEnd| match &e.pod {
+        Some(p) => format!("{p} ({})", std::net::SocketAddr::new(e.ip, e.port)),
+        None => std::net::SocketAddr::new(e.ip, e.port).to_string(),
+    };
+    let time = {
+        let secs = r.time_ms / 1000;
+        format!(
+            "{:02}:{:02}:{:02}.{:03}",
+            secs / 3600 % 24,
+            secs / 60 % 60,
+            secs % 60,
+            r.time_ms % 1000
+        )
+    };
+    let mut line = format!(
+        "{time} {:<5} {} {} -> {} reporter={}{}",
+        match r.kind {
+            FlowKind::Open => "OPEN",
+            FlowKind::Close => "CLOSE",
+        },
+        r.protocol.to_uppercase(),
+        end(&r.source),
+        end(&r.destination),
+        r.reporter.as_str(),
+        if r.accelerated { " accelerated" } else { "" }
+    );
+    if let Some(o) = r.original_destination {
+        line.push_str(&format!(" original_destination={o}"));
+    }
+    if let (Some(s), Some(rv)) = (r.sent_bytes, r.received_bytes) {
+        line.push_str(&format!(
+            " sent={s}B (redirected {}) received={rv}B (redirected {})",
+            r.sent_redirected_bytes.unwrap_or(0),
+            r.received_redirected_bytes.unwrap_or(0)
+        ));
+    }
+    if let Some(d) = r.duration_ms {
+        line.push_str(&format!(" duration={d:.1}ms"));
+    }
+    if let Some(rtt) = r.srtt_us {
+        line.push_str(&format!(" srtt={rtt}us"));
+    }
+    if let Some(n) = r.retransmits.filter(|n| *n > 0) {
+        line.push_str(&format!(" retransmits={n}"));
+    }
+    line
 }
 
 fn main() {
@@ -170,13 +247,22 @@ fn run() -> anyhow::Result<()> {
                 sidecar,
                 no_accelerate,
                 exclude_accel_ports,
+                no_telemetry,
             } => {
                 let wanted = no_accelerate || !exclude_accel_ports.is_empty();
                 let accel = wanted.then_some(AccelSpec {
                     enabled: !no_accelerate,
                     exclude_ports: exclude_accel_ports,
                 });
-                let p = connect()?.pod_add(netns, ips, name, sidecar.spec(), accel)?;
+                let p = connect()?.call::<Pod>(&Request::PodAdd {
+                    netns,
+                    ips,
+                    name,
+                    sidecar: sidecar.spec(),
+                    accel,
+                    telemetry: no_telemetry.then_some(false),
+                    cni: None,
+                })?;
                 println!("enrolled pod {}", p.id);
             }
             PodCmd::Del { netns, name } => {
@@ -248,6 +334,49 @@ fn run() -> anyhow::Result<()> {
                         "; established connections stay in the fast path until they close",
                 }
             );
+        }
+        Cmd::Observe {
+            pod,
+            namespace,
+            protocol,
+            last,
+            follow,
+            json,
+        } => {
+            let mut query = FlowQuery {
+                since: None,
+                last: Some(last),
+                pod,
+                namespace,
+                protocol,
+            };
+            query
+                .validate()
+                .map_err(|e| anyhow::anyhow!("observe: {e}"))?;
+            let mut client = connect()?;
+            loop {
+                let got = client.flows(query.clone())?;
+                if got.missed > 0 {
+                    eprintln!(
+                        "meshlane: {} records were missed (the agent keeps the newest {})",
+                        got.missed,
+                        meshlane_api::flows::MAX_RECORDS
+                    );
+                }
+                for r in &got.records {
+                    if json {
+                        println!("{}", serde_json::to_string(r)?);
+                    } else {
+                        println!("{}", flow_line(r));
+                    }
+                }
+                if !follow {
+                    break;
+                }
+                query.since = Some(got.next);
+                query.last = Some(meshlane_api::flows::MAX_RECORDS);
+                std::thread::sleep(Duration::from_millis(250));
+            }
         }
         Cmd::Uninstall { bpffs } => match connect() {
             Ok(mut c) => {

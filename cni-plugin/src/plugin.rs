@@ -134,6 +134,7 @@ impl Cni for MeshlaneCni {
             name: pod_name(&cni_args),
             sidecar: (mode == Mode::Sidecar).then(|| conf.sidecar.clone()),
             accel: conf.accel.clone(),
+            telemetry: None,
             cni: Some(CniAttachment {
                 container_id: key.container_id,
                 ifname: key.ifname,

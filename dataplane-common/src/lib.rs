@@ -61,10 +61,14 @@ pub mod map_names {
     /// its process, so the thread is not known in advance).
     pub const URING_TGIDS: &str = "ML_URING_TGIDS";
     /// Every established socket of an enrolled pod: the socket's kernel address (`struct sock
-    /// *`, as the tracepoints report it) → its [`super::SockKey`] (netns and tuple; LRU).
-    /// Written by sockops at establishment, removed when the socket closes; read by the reader
-    /// guard.
-    pub const SK_KEYS: &str = "ML_SK_KEYS";
+    /// *`, as the tracepoints report it) → its [`super::Flow`] (netns, tuple, byte counts;
+    /// LRU). Written by sockops at establishment, removed when the socket closes; bytes added
+    /// by the send/recv length tracepoints; read by the reader guard and the agent (open
+    /// flows' bytes).
+    pub const FLOWS: &str = "ML_FLOWS";
+    /// Flow open and close events ([`super::FlowEvent`]), a ring buffer: written by sockops,
+    /// read by the agent. A full ring drops the event and counts it (`events_lost`).
+    pub const EVENTS: &str = "ML_EVENTS";
     /// Sockets seen read with a splice: [`super::SockKey`] → 1 (LRU). Written by the reader
     /// guard; the agent resets those still in the fast path (their redirected bytes can never
     /// reach the reader) and removes the entry.
@@ -84,6 +88,9 @@ pub mod program_names {
     pub const SENDFILE_EXIT: &str = "ml_sendfile_out";
     pub const RCV_SPACE: &str = "ml_rcvspace";
     pub const RECV_LENGTH: &str = "ml_recv_length";
+    /// Telemetry: bytes the applications of enrolled pods write, and the end of their flows.
+    pub const SEND_LENGTH: &str = "ml_send_length";
+    pub const DESTROY_SOCK: &str = "ml_destroy_sock";
     pub const URING_SUBMIT: &str = "ml_uring_submit";
     pub const URING_DONE: &str = "ml_uring_done";
     pub const SETSOCKOPT: &str = "ml_setsockopt";
@@ -102,7 +109,7 @@ pub mod program_names {
 
 /// The layout version of the maps and of the programs' view of them. Pins live under
 /// `<bpffs>/v<ABI_VERSION>/`; a new version never reuses an older directory's maps.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Default capacities. The SOCKHASH one can be changed at load time (`--sockhash-capacity`), and
 /// the per-socket statistics follow it ([`sock_stats_capacity`]); see [`maps::Sizing`].
@@ -122,7 +129,12 @@ pub const REVNAT_CAPACITY: u32 = 131_072;
 pub const NOACCEL_PORTS_CAPACITY: u32 = 16_384;
 /// Threads in splice/sendfile at once, and sockets whose netns the detector can find.
 pub const SPLICING_CAPACITY: u32 = 16_384;
-pub const SK_KEYS_CAPACITY: u32 = 131_072;
+/// Sockets of enrolled pods (their telemetry and reader-guard state), twice the SOCKHASH's
+/// default: every socket of an enrolled pod has one, accelerated or not.
+pub const FLOWS_CAPACITY: u32 = 131_072;
+/// Default size of the flow event ring buffer in bytes (`--events-ring-bytes`): about 12,000
+/// events, several seconds of a busy node's connection churn if the agent stalls.
+pub const EVENTS_RING_BYTES: u32 = 2 << 20;
 pub const SPLICED_CAPACITY: u32 = 4_096;
 /// Offset of the socket's address (`skaddr`, `sk`) in the `tcp:tcp_rcv_space_adjust` and
 /// `sock:sock_recv_length` records; `protocol` and `flags` in the latter (Linux 6.x; the agent
@@ -130,6 +142,10 @@ pub const SPLICED_CAPACITY: u32 = 4_096;
 pub const TP_SK_OFFSET: usize = 8;
 pub const RECV_LENGTH_PROTOCOL_OFFSET: usize = 18;
 pub const RECV_LENGTH_FLAGS_OFFSET: usize = 24;
+/// `ret` (bytes sent or received) in the `sock:sock_send_length` and `sock:sock_recv_length`
+/// records, which share one layout (`sk` at [`TP_SK_OFFSET`], `flags` at
+/// [`RECV_LENGTH_FLAGS_OFFSET`]).
+pub const LENGTH_RET_OFFSET: usize = 20;
 /// `req` in the `io_uring:io_uring_submit_req` and `io_uring_complete` records, and `opcode` in
 /// the former.
 pub const URING_REQ_OFFSET: usize = 16;
@@ -225,6 +241,9 @@ pub mod netns_flags {
     /// connects from other pods of this node to it go to the proxy's inbound port. Its settings
     /// are in [`super::map_names::SIDECARS`].
     pub const SIDECAR: u32 = 1 << 2;
+    /// The pod's connections are observed: open and close events with bytes, RTT and
+    /// retransmits go to the agent (`FlowEvent`).
+    pub const TELEMETRY: u32 = 1 << 3;
 }
 
 /// An address: IPv6, IPv4 stored IPv4-mapped, network byte order as the kernel hands it over;
@@ -382,8 +401,82 @@ pub struct SockStats {
     /// The netns of the peer socket, decided when both joined: the peer's key is
     /// `key.peer(peer_netns)`, so a message needs no endpoint lookup.
     pub peer_netns: u64,
+    /// The peer's `redirected_bytes` when the peer closed (written by sockops at the peer's
+    /// close, so this socket's close event can still say how much of what it read was
+    /// redirected).
+    pub peer_redirected_final: u64,
 }
-const _: () = assert!(size_of::<SockStats>() == 40);
+const _: () = assert!(size_of::<SockStats>() == 48);
+
+/// A socket of an enrolled pod as telemetry (and the reader guard) know it, keyed by the
+/// socket's kernel address in [`map_names::FLOWS`]: tracepoints name sockets by that address.
+/// sockops creates it at establishment and fills in the close-time facts when the connection
+/// reaches TCP_CLOSE; the `sock_send_length` / `sock_recv_length` tracepoints add the bytes the
+/// application wrote and read; `tcp_destroy_sock` (after the application's last read, which
+/// can come after TCP_CLOSE) sends it as the close event and deletes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow {
+    pub key: SockKey,
+    /// The socket cookie: unique for the boot, the flow's identity for the agent.
+    pub cookie: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at establishment.
+    pub opened_ns: u64,
+    /// Bytes the application wrote (send, write, sendmsg, sendfile, splice into the socket).
+    pub sent: u64,
+    /// Bytes the application read (recv, read, recvmsg; not MSG_PEEK).
+    pub received: u64,
+    /// Of `sent`, the bytes redirected socket to socket (the rest went through the stack). Set
+    /// at TCP_CLOSE.
+    pub sent_redirected: u64,
+    /// The bytes the peer socket redirected into this one, set at TCP_CLOSE. Redirected bytes
+    /// always come first in the stream (a socket that sent through the stack never redirects
+    /// again), so `min(received, peer_redirected)` of what was read came redirected.
+    pub peer_redirected: u64,
+    /// [`flow_flags`] bits.
+    pub flags: u32,
+    /// Smoothed RTT in µs at TCP_CLOSE (0: no sample).
+    pub srtt_us: u32,
+    /// Retransmitted segments (`tcp_sock.total_retrans`) at TCP_CLOSE.
+    pub retransmits: u32,
+    /// For a captured connection (the app's connect to its proxy, both sockets): where the
+    /// application meant to go. Zero otherwise.
+    pub orig_dst: Addr,
+}
+const _: () = assert!(size_of::<Flow>() == 128);
+
+/// Bits of [`Flow::flags`].
+pub mod flow_flags {
+    /// This socket connected (the client side); otherwise it was accepted.
+    pub const ACTIVE: u32 = 1 << 0;
+    /// The pod has telemetry on: the flow's open and close become events.
+    pub const OBSERVED: u32 = 1 << 1;
+    /// The socket joined the SOCKHASH (its messages may be redirected).
+    pub const ACCELERATED: u32 = 1 << 2;
+    /// The connection reached TCP_CLOSE: the close-time fields are set.
+    pub const CLOSED: u32 = 1 << 3;
+}
+
+/// What a [`FlowEvent`] reports.
+pub mod flow_event {
+    /// Established; the flow as sockops created it.
+    pub const OPEN: u32 = 1;
+    /// Destroyed; the flow's final counts.
+    pub const CLOSE: u32 = 2;
+}
+
+/// One record of the flow event ring buffer ([`map_names::EVENTS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    /// A [`flow_event`] value.
+    pub kind: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` when the event was made.
+    pub at_ns: u64,
+    pub flow: Flow,
+}
+const _: () = assert!(size_of::<FlowEvent>() == 144);
 
 /// What the reader guard saw a pod do, by kind (detections).
 #[repr(C)]
@@ -566,6 +659,16 @@ counters! {
     /// A TCP socket of an enrolled pod was given `SO_RCVLOWAT` above 1 (which redirected bytes
     /// do not honour): the pod's new connections stay on the stack from now on.
     RcvlowatDetected = 54, "rcvlowat_detected";
+    /// A flow event was dropped: the ring buffer was full (the agent is behind or stopped).
+    /// The flow's bytes still reach the totals when it closes if the close event gets through;
+    /// a lost close is counted by the agent.
+    EventsLost = 55, "events_lost";
+    /// A socket of an enrolled pod could not be given its flow entry (map update failed):
+    /// it is neither observed nor guarded.
+    FlowStoreError = 56, "flow_store_error";
+    /// A socket of an enrolled pod closed without its flow entry: the entry was evicted (the
+    /// flow map is full of open connections), so its bytes are lost to telemetry.
+    FlowEvicted = 57, "flow_evicted";
 }
 
 /// Size of the counter array; a new reason needs a new index below it.
@@ -586,6 +689,7 @@ mod user {
                 maps::MapKind::PerCpuArray => MapType::PerCpuArray,
                 maps::MapKind::LruHash => MapType::LruHash,
                 maps::MapKind::SockHash => MapType::SockHash,
+                maps::MapKind::RingBuf => MapType::RingBuf,
             }
         }
     }
@@ -605,6 +709,8 @@ mod user {
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for ReaderPod {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for FlowEvent {}
 }
 
 #[cfg(test)]

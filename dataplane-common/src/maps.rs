@@ -12,11 +12,11 @@
 use core::mem::size_of;
 
 use crate::{
-    Addr, BACKENDS_CAPACITY, BackendKey, COUNTER_SLOTS, Config, ENDPOINTS_CAPACITY, Endpoint,
-    NETNS_CAPACITY, NOACCEL_PORTS_CAPACITY, NetnsInfo, ORIG_CAPACITY, PortKey, REVNAT_CAPACITY,
-    ReaderPod, RevNatKey, SERVICES_CAPACITY, SK_KEYS_CAPACITY, SOCK_STATS_CAPACITY,
-    SOCKHASH_CAPACITY, SPLICED_CAPACITY, SPLICING_CAPACITY, Service, ServiceKey, ServiceStats,
-    Sidecar, SockKey, SockStats, map_names, sock_stats_capacity,
+    Addr, BACKENDS_CAPACITY, BackendKey, COUNTER_SLOTS, Config, ENDPOINTS_CAPACITY,
+    EVENTS_RING_BYTES, Endpoint, FLOWS_CAPACITY, Flow, NETNS_CAPACITY, NOACCEL_PORTS_CAPACITY,
+    NetnsInfo, ORIG_CAPACITY, PortKey, REVNAT_CAPACITY, ReaderPod, RevNatKey, SERVICES_CAPACITY,
+    SOCK_STATS_CAPACITY, SOCKHASH_CAPACITY, SPLICED_CAPACITY, SPLICING_CAPACITY, Service,
+    ServiceKey, ServiceStats, Sidecar, SockKey, SockStats, map_names, sock_stats_capacity,
 };
 
 /// The kind of a map; the discriminant is the kernel's `enum bpf_map_type` value (what the ELF's
@@ -34,6 +34,8 @@ pub enum MapKind {
     LruHash = 9,
     /// `BPF_MAP_TYPE_SOCKHASH`.
     SockHash = 18,
+    /// `BPF_MAP_TYPE_RINGBUF`; no key or value, the capacity is its size in bytes.
+    RingBuf = 27,
 }
 
 impl MapKind {
@@ -52,6 +54,24 @@ pub enum Sizing {
     SockhashCapacity,
     /// [`sock_stats_capacity`] of the agent's `--sockhash-capacity`, set at load time.
     SockStatsCapacity,
+    /// The agent's `--events-ring-bytes`, set at load time.
+    EventsRingBytes,
+}
+
+/// The capacities the agent chooses at load time (its flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadSizes {
+    pub sockhash: u32,
+    /// A power of two, at least a page.
+    pub events_ring_bytes: u32,
+}
+
+impl LoadSizes {
+    /// The compiled defaults.
+    pub const DEFAULT: LoadSizes = LoadSizes {
+        sockhash: SOCKHASH_CAPACITY,
+        events_ring_bytes: EVENTS_RING_BYTES,
+    };
 }
 
 /// One map as the kernel programs declare it.
@@ -90,12 +110,13 @@ impl MapSpec {
         !matches!(self.sizing, Sizing::Fixed)
     }
 
-    /// The capacity the agent loads this map with, given its `--sockhash-capacity`.
-    pub const fn max_entries_at_load(&self, sockhash_capacity: u32) -> u32 {
+    /// The capacity the agent loads this map with, given its flags.
+    pub const fn max_entries_at_load(&self, sizes: LoadSizes) -> u32 {
         match self.sizing {
             Sizing::Fixed => self.max_entries,
-            Sizing::SockhashCapacity => sockhash_capacity,
-            Sizing::SockStatsCapacity => sock_stats_capacity(sockhash_capacity),
+            Sizing::SockhashCapacity => sizes.sockhash,
+            Sizing::SockStatsCapacity => sock_stats_capacity(sizes.sockhash),
+            Sizing::EventsRingBytes => sizes.events_ring_bytes,
         }
     }
 
@@ -116,7 +137,9 @@ impl MapSpec {
     }
 }
 
-use MapKind::{Array as A, Hash as H, LruHash as Lru, PerCpuArray as Pc, SockHash as Sh};
+use MapKind::{
+    Array as A, Hash as H, LruHash as Lru, PerCpuArray as Pc, RingBuf as Rb, SockHash as Sh,
+};
 
 /// The SOCKHASH's value is what user space passes to update it: a socket fd (`u32`).
 pub const SOCKHASH: MapSpec =
@@ -153,8 +176,9 @@ pub const URING_REQS: MapSpec =
     MapSpec::new::<u64, u32>(map_names::URING_REQS, Lru, SPLICING_CAPACITY);
 pub const URING_TGIDS: MapSpec =
     MapSpec::new::<u32, u32>(map_names::URING_TGIDS, H, SPLICING_CAPACITY);
-pub const SK_KEYS: MapSpec =
-    MapSpec::new::<u64, SockKey>(map_names::SK_KEYS, Lru, SK_KEYS_CAPACITY);
+pub const FLOWS: MapSpec = MapSpec::new::<u64, Flow>(map_names::FLOWS, Lru, FLOWS_CAPACITY);
+pub const EVENTS: MapSpec =
+    MapSpec::new::<(), ()>(map_names::EVENTS, Rb, EVENTS_RING_BYTES).sized(Sizing::EventsRingBytes);
 pub const SPLICED: MapSpec =
     MapSpec::new::<SockKey, u32>(map_names::SPLICED, Lru, SPLICED_CAPACITY);
 pub const READER_PODS: MapSpec =
@@ -179,9 +203,10 @@ pub const ALL: &[MapSpec] = &[
     SPLICING,
     URING_REQS,
     URING_TGIDS,
-    SK_KEYS,
+    FLOWS,
     SPLICED,
     READER_PODS,
+    EVENTS,
 ];
 
 /// The row of the map called `name`.
@@ -219,9 +244,10 @@ mod tests {
         map_names::SPLICING,
         map_names::URING_REQS,
         map_names::URING_TGIDS,
-        map_names::SK_KEYS,
+        map_names::FLOWS,
         map_names::SPLICED,
         map_names::READER_PODS,
+        map_names::EVENTS,
     ];
 
     #[test]
@@ -263,8 +289,10 @@ mod tests {
         );
         assert_eq!(
             (SOCK_STATS.kind, SOCK_STATS.key_size, SOCK_STATS.value_size),
-            (H, 48, 40)
+            (H, 48, 48)
         );
+        assert_eq!((FLOWS.kind, FLOWS.key_size, FLOWS.value_size), (Lru, 8, 128));
+        assert_eq!((EVENTS.kind, EVENTS.key_size, EVENTS.value_size), (Rb, 0, 0));
         assert_eq!((SIDECARS.key_size, SIDECARS.value_size), (8, 304));
         assert_eq!(
             (REVNAT.kind, REVNAT.key_size, REVNAT.value_size),
@@ -274,8 +302,10 @@ mod tests {
             if matches!(s.kind, A | Pc) {
                 assert_eq!(s.key_size, 4, "{}: array keys are u32", s.name);
             }
+            // A ring buffer has neither key nor value; its capacity is in bytes.
+            let sized = matches!(s.kind, Rb) || (s.key_size > 0 && s.value_size > 0);
             assert!(
-                s.key_size > 0 && s.value_size > 0 && s.max_entries > 0,
+                sized && s.max_entries > 0,
                 "{s:?}"
             );
         }
@@ -283,24 +313,33 @@ mod tests {
     }
 
     #[test]
-    fn only_the_socket_maps_are_sized_at_load() {
-        let adjustable: [&str; 2] = [map_names::SOCKHASH, map_names::SOCK_STATS];
+    fn only_the_socket_maps_and_the_ring_are_sized_at_load() {
+        let adjustable: [&str; 3] = [
+            map_names::SOCKHASH,
+            map_names::SOCK_STATS,
+            map_names::EVENTS,
+        ];
+        let small = |sockhash| LoadSizes {
+            sockhash,
+            events_ring_bytes: 4096,
+        };
         for s in ALL {
             assert_eq!(s.adjustable(), adjustable.contains(&s.name), "{}", s.name);
             // The compiled capacity is the one the agent loads with by default.
             assert_eq!(
-                s.max_entries_at_load(SOCKHASH_CAPACITY),
+                s.max_entries_at_load(LoadSizes::DEFAULT),
                 s.max_entries,
                 "{}",
                 s.name
             );
             if !s.adjustable() {
-                assert_eq!(s.max_entries_at_load(8), s.max_entries, "{}", s.name);
+                assert_eq!(s.max_entries_at_load(small(8)), s.max_entries, "{}", s.name);
             }
         }
-        assert_eq!(SOCKHASH.max_entries_at_load(8), 8);
-        assert_eq!(SOCK_STATS.max_entries_at_load(8), 16);
-        assert_eq!(SOCK_STATS.max_entries_at_load(u32::MAX), u32::MAX);
+        assert_eq!(SOCKHASH.max_entries_at_load(small(8)), 8);
+        assert_eq!(SOCK_STATS.max_entries_at_load(small(8)), 16);
+        assert_eq!(SOCK_STATS.max_entries_at_load(small(u32::MAX)), u32::MAX);
+        assert_eq!(EVENTS.max_entries_at_load(small(8)), 4096);
     }
 
     #[test]
@@ -311,5 +350,6 @@ mod tests {
         assert_eq!(MapKind::PerCpuArray.bpf_map_type(), 6);
         assert_eq!(MapKind::LruHash.bpf_map_type(), 9);
         assert_eq!(MapKind::SockHash.bpf_map_type(), 18);
+        assert_eq!(MapKind::RingBuf.bpf_map_type(), 27);
     }
 }

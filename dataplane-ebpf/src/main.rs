@@ -11,10 +11,16 @@
 //!   `sock_recv_length`; cgroup/setsockopt): finds pods reading with splice(2), sendfile(2),
 //!   `MSG_WAITALL` or `SO_RCVLOWAT`, which redirected bytes cannot serve, so sockops keeps them
 //!   off the fast path.
+//! - `telemetry` (tracepoints `sock_send_length`, `tcp_destroy_sock`; with sockops and
+//!   `sock_recv_length`): per-connection flows with exact bytes by path, RTT and retransmits,
+//!   as open/close events in a ring buffer.
 //!
 //! These programs must never drop traffic: every error path passes to the stack and counts why.
 #![no_std]
 #![no_main]
+// The BPF atomic add for byte counters (telemetry.rs); this crate builds with the pinned nightly.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod getsockopt;
 mod key;
@@ -23,6 +29,7 @@ mod reader_guard;
 mod sk_msg;
 mod sock_addr;
 mod sockops;
+mod telemetry;
 
 #[cfg(not(test))]
 #[panic_handler]

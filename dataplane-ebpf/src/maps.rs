@@ -6,13 +6,13 @@
 use aya_ebpf::{
     bindings::bpf_map_type::{
         BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
-        BPF_MAP_TYPE_SOCKHASH,
+        BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_SOCKHASH,
     },
     macros::map,
-    maps::{Array, HashMap, LruHashMap, Map, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, Map, PerCpuArray, RingBuf, SockHash},
 };
 use dataplane_common::{
-    Addr, BackendKey, Config, Endpoint, NetnsInfo, PortKey, ReaderPod, RevNatKey, Service,
+    Addr, BackendKey, Config, Endpoint, Flow, NetnsInfo, PortKey, ReaderPod, RevNatKey, Service,
     ServiceKey, ServiceStats, Sidecar, SockKey, SockStats,
     maps::{self, MapSpec},
 };
@@ -35,6 +35,9 @@ impl<T> Typed for Array<T> {
 }
 impl<T> Typed for PerCpuArray<T> {
     const BPF_MAP_TYPE: u32 = BPF_MAP_TYPE_PERCPU_ARRAY;
+}
+impl Typed for RingBuf {
+    const BPF_MAP_TYPE: u32 = BPF_MAP_TYPE_RINGBUF;
 }
 
 /// Fails the build unless the static `symbol` of type `M` is the map `spec` describes: its ELF
@@ -144,8 +147,10 @@ ml_maps! {
     ML_URING_REQS: LruHashMap<u64, u32> = maps::URING_REQS;
     ML_URING_TGIDS: HashMap<u32, u32> = maps::URING_TGIDS;
 
-    /// Socket address → key of enrolled pods' sockets. Written by sockops; read by the guard.
-    ML_SK_KEYS: LruHashMap<u64, SockKey> = maps::SK_KEYS;
+    /// Socket address → flow of enrolled pods' sockets. Created and closed by sockops, bytes
+    /// added by the send/recv length tracepoints, sent and deleted by `tcp_destroy_sock`; read
+    /// by the guard (which pod a socket belongs to) and the agent (open flows).
+    ML_FLOWS: LruHashMap<u64, Flow> = maps::FLOWS;
 
     /// Sockets seen spliced. Written by the guard; read and emptied by the agent.
     ML_SPLICED: LruHashMap<SockKey, u32> = maps::SPLICED;
@@ -153,6 +158,10 @@ ml_maps! {
     /// Pods seen reading in ways the fast path cannot serve. Written by the guard; read by
     /// sockops and the agent.
     ML_READER_PODS: HashMap<u64, ReaderPod> = maps::READER_PODS;
+
+    /// Flow open and close events. Written by sockops and `tcp_destroy_sock`; read by the
+    /// agent. The agent sets its size at load time.
+    ML_EVENTS: RingBuf = maps::EVENTS;
 }
 
 #[inline(always)]

@@ -26,7 +26,7 @@
 //! - cgroup/setsockopt sees `SO_RCVLOWAT` before the kernel applies it (on a listening socket:
 //!   before any connection it accepts exists).
 //!
-//! sockops recorded every enrolled socket's address → key (`ML_SK_KEYS`), so the pod is found;
+//! sockops recorded every enrolled socket's address → flow (`ML_FLOWS`), so the pod is found;
 //! it goes into `ML_READER_PODS`, and sockops inserts no socket of that pod, or connected to it,
 //! again. Connections already in the fast path at the moment of detection are not saved (their
 //! bytes are already queued where such a reader never looks); at most those are affected. A
@@ -47,18 +47,20 @@ use aya_ebpf::{
     programs::{SockoptContext, TracePointContext},
 };
 use dataplane_common::{
-    Counter, RECV_LENGTH_FLAGS_OFFSET, RECV_LENGTH_PROTOCOL_OFFSET, ReaderPod, SockKey,
-    TP_SK_OFFSET, URING_OPCODE_OFFSET, URING_REQ_OFFSET,
+    Counter, LENGTH_RET_OFFSET, RECV_LENGTH_FLAGS_OFFSET, RECV_LENGTH_PROTOCOL_OFFSET, ReaderPod,
+    SockKey, URING_OPCODE_OFFSET, URING_REQ_OFFSET,
 };
 
-use crate::maps::{
-    ML_NETNS, ML_SK_KEYS, ML_SPLICED, ML_SPLICING, ML_URING_REQS, ML_URING_TGIDS, count, guard_pod,
+use crate::{
+    maps::{ML_NETNS, ML_SPLICED, ML_SPLICING, ML_URING_REQS, ML_URING_TGIDS, count, guard_pod},
+    telemetry::{add_bytes, flow_of},
 };
 
 const IPPROTO_TCP: u16 = 6;
 /// `IORING_OP_SPLICE` (include/uapi/linux/io_uring.h).
 const IORING_OP_SPLICE: u8 = 30;
 const MSG_WAITALL: i32 = 0x100;
+const MSG_PEEK: i32 = 0x2;
 const SOL_SOCKET: i32 = 1;
 const SO_RCVLOWAT: i32 = 18;
 /// The only return value a setsockopt program may give without failing the call.
@@ -109,10 +111,8 @@ pub fn ml_sendfile_out(_ctx: TracePointContext) -> u32 {
 /// The key of the enrolled socket at `sk` (a `struct sock *` from a tracepoint record).
 #[inline(always)]
 fn socket_of(ctx: &TracePointContext) -> Option<SockKey> {
-    // SAFETY: the record's socket address field (its offset is checked by the agent).
-    let sk = unsafe { ctx.read_at::<u64>(TP_SK_OFFSET) }.ok()?;
-    // SAFETY: a hash lookup; the value is copied out at once.
-    unsafe { ML_SK_KEYS.get(&sk) }.copied()
+    // SAFETY: the flow is our map's value; the key is copied out at once.
+    flow_of(ctx).map(|f| unsafe { (*f).key })
 }
 
 #[tracepoint(category = "io_uring", name = "io_uring_submit_req")]
@@ -210,20 +210,32 @@ pub fn ml_rcvspace(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn ml_recv_length(ctx: TracePointContext) -> u32 {
-    // Every recvmsg on the machine comes through here: the flags first, nothing else unless
-    // MSG_WAITALL is set.
+    // Every recvmsg on the machine comes through here: two fields of the record first, and a
+    // flow lookup only for TCP reads that got bytes or asked for MSG_WAITALL.
     // SAFETY: fields of the record (offsets checked by the agent).
     let flags = unsafe { ctx.read_at::<i32>(RECV_LENGTH_FLAGS_OFFSET) }.unwrap_or(0);
-    if flags & MSG_WAITALL == 0 {
+    let ret = unsafe { ctx.read_at::<i32>(LENGTH_RET_OFFSET) }.unwrap_or(0);
+    let counts = ret > 0 && flags & MSG_PEEK == 0;
+    if !counts && flags & MSG_WAITALL == 0 {
         return 0;
     }
     let protocol = unsafe { ctx.read_at::<u16>(RECV_LENGTH_PROTOCOL_OFFSET) }.unwrap_or(0);
     if protocol != IPPROTO_TCP {
         return 0;
     }
-    if let Some(key) = socket_of(&ctx) {
+    let Some(flow) = flow_of(&ctx) else {
+        return 0;
+    };
+    if counts {
+        // SAFETY: our map's value; the add is atomic (two threads may read one socket).
+        add_bytes(unsafe { &raw mut (*flow).received }, ret as u64);
+    }
+    if flags & MSG_WAITALL != 0 {
         count(Counter::WaitallDetected, 1);
-        guard_pod(key.netns, |p: &mut ReaderPod| p.waitall += 1);
+        // SAFETY: our map's value.
+        guard_pod(unsafe { (*flow).key.netns }, |p: &mut ReaderPod| {
+            p.waitall += 1
+        });
     }
     0
 }

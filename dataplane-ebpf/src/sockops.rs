@@ -12,18 +12,22 @@ use aya_ebpf::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use dataplane_common::{Counter, SockKey, SockStats, is_loopback, netns_flags};
+use dataplane_common::{
+    Addr, Counter, Flow, NetnsInfo, SockKey, SockStats, flow_event, flow_flags, is_loopback,
+    netns_flags,
+};
 
 use crate::{
     key::{raw_tuple, sock_key},
     maps::{
-        ML_ENDPOINTS, ML_NETNS, ML_ORIG_DST, ML_ORIG_PENDING, ML_READER_PODS, ML_SK_KEYS,
+        ML_ENDPOINTS, ML_FLOWS, ML_NETNS, ML_ORIG_DST, ML_ORIG_PENDING, ML_READER_PODS,
         ML_SOCK_STATS, ML_SOCKS, accel_allowed, count, evict, peer_netns, port_excluded,
     },
+    telemetry::emit,
 };
 
 /// The return value that tells the kernel the program ran fine; 0 would turn some operations
@@ -45,28 +49,34 @@ pub fn ml_sockops(ctx: SockOpsContext) -> u32 {
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), Counter> {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            hand_over_original_dst(ctx);
-            on_established(ctx)
+            let orig = hand_over_original_dst(ctx);
+            on_established(ctx, orig)
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            watch_captured(ctx);
-            on_established(ctx)
+            let orig = watch_captured(ctx);
+            on_established(ctx, orig)
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            // The address may be reused for another socket: forget it now.
-            let _absent_is_fine: Result<(), i64> =
-                ML_SK_KEYS.remove(&sk_address(ctx)).map_err(i64::from);
-            // sock_ops only sees TCP sockets, all IPv4 or IPv6: the key cannot be missing, so
-            // there is nothing to count.
-            if let Some(key) = key_of(ctx) {
-                // Missing entries are fine: the socket may never have been inserted, or
-                // captured.
-                let _absent_is_fine: Result<(), i32> = ML_SOCK_STATS.remove(&key);
-                let _absent_is_fine: Result<(), i32> = ML_ORIG_DST.remove(&key);
-            }
+            on_close(ctx);
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// The connection reached TCP_CLOSE: its flow takes the close-time facts, and its statistics and
+/// original destination go. Not inlined, for the verifier's stack limit (see [`open_flow`]).
+#[inline(never)]
+fn on_close(ctx: &SockOpsContext) {
+    // sock_ops only sees TCP sockets, all IPv4 or IPv6: the key cannot be missing, so there is
+    // nothing to count.
+    if let Some(key) = key_of(ctx) {
+        // Before the statistics go: the flow takes its redirected counts from them. The flow
+        // itself stays until tcp_destroy_sock (the reader may still read).
+        close_flow(ctx, &key);
+        // Missing entries are fine: the socket may never have been inserted, or captured.
+        let _absent_is_fine: Result<(), i32> = ML_SOCK_STATS.remove(&key);
+        let _absent_is_fine: Result<(), i32> = ML_ORIG_DST.remove(&key);
     }
 }
 
@@ -90,19 +100,18 @@ fn key_of(ctx: &SockOpsContext) -> Option<SockKey> {
 /// the getsockopt program finds it. The proxy is on loopback in this netns (outbound capture) or
 /// a pod of this node (inbound capture). This runs before the accepting side can accept: the
 /// client handles the SYN-ACK before its ACK completes the handshake.
-fn hand_over_original_dst(ctx: &SockOpsContext) {
+#[inline(never)]
+fn hand_over_original_dst(ctx: &SockOpsContext) -> Option<Addr> {
     // SAFETY: bpf_get_socket_cookie is allowed for sock_ops.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: a hash lookup; the value is copied out at once.
-    let Some(orig) = (unsafe { ML_ORIG_PENDING.get(&cookie) }).copied() else {
-        return;
-    };
+    let orig = (unsafe { ML_ORIG_PENDING.get(&cookie) }).copied()?;
     let _gone_is_fine: Result<(), i32> = ML_ORIG_PENDING.remove(&cookie);
     let Some(key) = key_of(ctx) else {
         // Cannot happen (sock_ops only sees TCP sockets, all IPv4 or IPv6), but if it did the
         // original destination would be lost here, so it counts as not stored.
         count(Counter::OrigDstStoreError, 1);
-        return;
+        return Some(orig);
     };
     let peer_netns = if is_loopback(&key.remote_ip) {
         key.netns
@@ -112,7 +121,7 @@ fn hand_over_original_dst(ctx: &SockOpsContext) {
             Some(ep) => ep.netns,
             None => {
                 count(Counter::OrigDstStoreError, 1);
-                return;
+                return Some(orig);
             }
         }
     };
@@ -122,17 +131,92 @@ fn hand_over_original_dst(ctx: &SockOpsContext) {
     {
         count(Counter::OrigDstStoreError, 1);
     }
+    Some(orig)
 }
 
 /// An accepted socket of a captured connection asks for its close callback, so its original
-/// destination leaves the map with it (the map is an LRU as well, as a backstop).
-fn watch_captured(ctx: &SockOpsContext) {
-    if let Some(key) = key_of(ctx)
-        // SAFETY: a hash lookup; only presence is used.
-        && unsafe { ML_ORIG_DST.get(&key) }.is_some()
+/// destination leaves the map with it (the map is an LRU as well, as a backstop). Returns the
+/// original destination, for the flow.
+#[inline(never)]
+fn watch_captured(ctx: &SockOpsContext) -> Option<Addr> {
+    let key = key_of(ctx)?;
+    // SAFETY: a hash lookup; the value is copied out at once.
+    let orig = unsafe { ML_ORIG_DST.get(&key) }.copied()?;
+    let _kept_until_lru_eviction: Result<(), i32> =
+        ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    Some(orig)
+}
+
+/// Records the flow of an established socket of an enrolled pod (every one: the reader guard
+/// finds sockets through it). Returns whether it was recorded. Not inlined: its flow value
+/// must not share a stack frame with the fast-path checks (the verifier allows 512 bytes).
+#[inline(never)]
+fn open_flow(ctx: &SockOpsContext, key: &SockKey, info: &NetnsInfo, orig: Option<Addr>) -> bool {
+    let mut flags = 0;
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        flags |= flow_flags::ACTIVE;
+    }
+    if info.flags & netns_flags::TELEMETRY != 0 {
+        flags |= flow_flags::OBSERVED;
+    }
+    let flow = Flow {
+        key: *key,
+        // SAFETY: helpers allowed for sock_ops.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.ops.cast()) },
+        opened_ns: unsafe { bpf_ktime_get_ns() },
+        flags,
+        orig_dst: orig.unwrap_or_default(),
+        ..Flow::default()
+    };
+    if ML_FLOWS
+        .insert(&sk_address(ctx), &flow, BPF_ANY as u64)
+        .is_err()
     {
-        let _kept_until_lru_eviction: Result<(), i32> =
-            ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        count(Counter::FlowStoreError, 1);
+        return false;
+    }
+    true
+}
+
+/// The connection reached TCP_CLOSE: the flow takes the facts only this moment has (RTT,
+/// retransmits, the redirected byte counts of both sockets before their statistics go).
+#[inline(never)]
+fn close_flow(ctx: &SockOpsContext, key: &SockKey) {
+    let Some(flow) = ML_FLOWS.get_ptr_mut(&sk_address(ctx)) else {
+        // SAFETY: a hash lookup; the value is copied out at once.
+        if let Some(info) = unsafe { ML_NETNS.get(&key.netns) }
+            && info.flags & netns_flags::TELEMETRY != 0
+        {
+            count(Counter::FlowEvicted, 1);
+        }
+        return;
+    };
+    // SAFETY: a hash lookup; the value is copied out at once.
+    let (sent_redirected, peer_redirected) = match unsafe { ML_SOCK_STATS.get(key) }.copied() {
+        None => (0, 0),
+        Some(own) => {
+            let peer = match ML_SOCK_STATS.get_ptr_mut(&key.peer(own.peer_netns)) {
+                // SAFETY: the peer's entry; only the peer's sockops writes
+                // `peer_redirected_final` besides us, and it is closing after us.
+                Some(p) => unsafe {
+                    (*p).peer_redirected_final = own.redirected_bytes;
+                    (*p).redirected_bytes
+                },
+                None => own.peer_redirected_final,
+            };
+            (own.redirected_bytes, peer)
+        }
+    };
+    // SAFETY: `ops` is the live context; the flow is our map's value, written only here and by
+    // the byte tracepoints (other fields).
+    unsafe {
+        let ops = &*ctx.ops;
+        (*flow).sent_redirected = sent_redirected;
+        (*flow).peer_redirected = peer_redirected;
+        // The kernel keeps srtt in µs scaled by 8 (include/linux/tcp.h, srtt_us).
+        (*flow).srtt_us = read_volatile(&ops.srtt_us) >> 3;
+        (*flow).retransmits = read_volatile(&ops.total_retrans);
+        (*flow).flags |= flow_flags::CLOSED;
     }
 }
 
@@ -145,33 +229,51 @@ fn watch_captured(ctx: &SockOpsContext) {
 /// to be established) joins optimistically, and the accepted socket decides for both: it joins
 /// only if the client is in the map and has sent nothing through the stack, and if it cannot
 /// join it evicts the client again.
-fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
+fn on_established(ctx: &SockOpsContext, orig: Option<Addr>) -> Result<(), Counter> {
     let mut key = key_of(ctx).ok_or(Counter::SockUnsupportedFamily)?;
     // SAFETY: a hash lookup; the value is copied out at once.
     let info = unsafe { ML_NETNS.get(&key.netns) }.copied();
-    if info.is_some() {
-        // Every socket of an enrolled pod, accelerated or not, so the reader guard can tell
-        // which pod a socket it sees belongs to. The close callback forgets it again, and the
-        // socket's statistics if it joins the fast path below; should asking for it fail, the
-        // LRU evicts the address and the statistics go when the same tuple is established
-        // again.
-        if ML_SK_KEYS
-            .insert(&sk_address(ctx), &key, BPF_ANY as u64)
-            .is_err()
-        {
-            count(Counter::SkKeyStoreError, 1);
+    let Some(netns) = info else {
+        return Err(Counter::SockNotEnrolled);
+    };
+    // Every socket of an enrolled pod, accelerated or not, gets a flow (telemetry, and the
+    // reader guard's way to tell which pod a socket belongs to) and its close callback, which
+    // closes the flow and forgets the socket's statistics if it joins the fast path below;
+    // should asking for the callback fail, the LRU evicts the flow and the statistics go when
+    // the same tuple is established again.
+    let recorded = open_flow(ctx, &key, &netns, orig);
+    let _kept_until_lru_eviction: Result<(), i32> =
+        ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    let joined = join_fast_path(ctx, &mut key, &netns);
+    if recorded && let Some(flow) = ML_FLOWS.get_ptr_mut(&sk_address(ctx)) {
+        // SAFETY: our map's value, created just above.
+        let flow = unsafe { &mut *flow };
+        if joined.is_ok() {
+            flow.flags |= flow_flags::ACCELERATED;
         }
-        let _kept_until_lru_eviction: Result<(), i32> =
-            ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        if flow.flags & flow_flags::OBSERVED != 0 {
+            emit(flow_event::OPEN, flow);
+        }
     }
-    let flags = match info {
+    joined
+}
+
+/// Puts the socket of an enrolled pod into the SOCKHASH if its connection may be redirected
+/// (see [`on_established`]). Not inlined, for the verifier's stack limit (see [`open_flow`]).
+#[inline(never)]
+fn join_fast_path(
+    ctx: &SockOpsContext,
+    key: &mut SockKey,
+    info: &NetnsInfo,
+) -> Result<(), Counter> {
+    let flags = match Some(*info) {
         Some(info) if info.flags & netns_flags::ACCELERATE != 0 => info.flags,
         _ => return Err(Counter::SockNotEnrolled),
     };
     if !accel_allowed(flags) {
         return Err(Counter::SockAccelOff);
     }
-    let peer = key.peer(peer_netns(&key).map_err(|_| Counter::SockPeerNotLocal)?);
+    let peer = key.peer(peer_netns(key).map_err(|_| Counter::SockPeerNotLocal)?);
     let passive = ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
     // A pod seen reading in a way redirected bytes cannot serve (or the peer's pod) never gets
     // redirected bytes again (see reader_guard.rs).
@@ -209,7 +311,7 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
     // inserting it before the SOCKHASH entry leaves no window where that rule is broken.
     if ML_SOCK_STATS
         .insert(
-            &key,
+            &*key,
             &SockStats {
                 peer_netns: peer.netns,
                 ..SockStats::default()
@@ -227,8 +329,8 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), Counter> {
 
     // SAFETY: `ops` is the live sock_ops context of an established TCP socket.
     let ops = unsafe { &mut *ctx.ops };
-    if let Err(err) = ML_SOCKS.update(&mut key, ops, BPF_ANY as u64) {
-        let _absent_is_fine: Result<(), i32> = ML_SOCK_STATS.remove(&key);
+    if let Err(err) = ML_SOCKS.update(&mut *key, ops, BPF_ANY as u64) {
+        let _absent_is_fine: Result<(), i32> = ML_SOCK_STATS.remove(&*key);
         if passive {
             evict(&peer);
             count(Counter::SockPeerEvicted, 1);

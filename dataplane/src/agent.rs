@@ -14,6 +14,9 @@ use meshlane_api::{
 };
 use serde_json::{Value, json};
 
+use dataplane_common::maps::LoadSizes;
+use meshlane_api::flows::TelemetryStatus;
+
 use crate::{
     Error, Result,
     addr::key_socket_addr,
@@ -24,6 +27,7 @@ use crate::{
     services::ServiceTable,
     state::State,
     sys,
+    telemetry::Telemetry,
 };
 
 /// Everything the agent is started with (the flags of `meshlane-agent`).
@@ -34,6 +38,8 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub state_file: PathBuf,
     pub sockhash_capacity: u32,
+    /// Size of the flow event ring buffer in bytes (a power of two, at least a page).
+    pub events_ring_bytes: u32,
     pub services: Option<PathBuf>,
     /// Skip the self-test; redirect stays off.
     pub no_selftest: bool,
@@ -53,6 +59,7 @@ pub struct Agent {
     pub(crate) host_cookies: Vec<u64>,
     /// Spliced connections reset since the agent started (see [`Agent::reset_spliced`]).
     pub(crate) spliced_resets: u64,
+    pub(crate) telemetry: Telemetry,
 }
 
 impl std::fmt::Debug for Agent {
@@ -81,6 +88,19 @@ pub fn check_pinned_cgroup(
             requested: requested.into(),
         }),
         _ => Ok(()),
+    }
+}
+
+/// The ring buffer's size must be what the kernel accepts: a power of two, a whole number of
+/// pages.
+pub fn check_ring_size(bytes: u32) -> Result<()> {
+    if bytes.is_power_of_two() && bytes >= 4096 {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "--events-ring-bytes {bytes}: the ring buffer must be a power of two of at least \
+             4096 bytes (e.g. 65536, 2097152)"
+        )))
     }
 }
 
@@ -117,11 +137,22 @@ impl Agent {
         )?;
         check_services_file(config.services.as_deref())?;
 
-        let (loaded, mut maps) = loader::load(LoadOptions {
+        let sizes = LoadSizes {
+            sockhash: config.sockhash_capacity,
+            events_ring_bytes: config.events_ring_bytes,
+        };
+        check_ring_size(sizes.events_ring_bytes)?;
+        let (loaded, mut maps, telemetry_maps) = loader::load(LoadOptions {
             bpffs: config.bpffs.clone(),
             cgroup: cgroup.clone(),
-            sockhash_capacity: config.sockhash_capacity,
+            sizes,
         })?;
+        let telemetry = Telemetry::new(
+            telemetry_maps.ring,
+            sizes.events_ring_bytes,
+            telemetry_maps.flows,
+            crate::telemetry::checkpoint_path(&config.state_file),
+        )?;
         tracing::info!(
             cgroup = %cgroup.display(),
             reused_pins = loaded.reused_pins,
@@ -166,8 +197,12 @@ impl Agent {
             cni_queue: CniQueue::new(config.cni_queue_dir.clone()),
             host_cookies,
             spliced_resets: 0,
+            telemetry,
         };
         agent.reconcile()?;
+        agent.telemetry.set_pods(&agent.state.pods);
+        // Events that came while no agent ran, before the first scrape can be answered.
+        agent.drain_telemetry();
         agent.poll_services();
         agent.drain_cni_queue();
         let on = agent.apply_accel()?;
@@ -227,6 +262,21 @@ impl Agent {
         }
     }
 
+    /// Counts the flow events the kernel produced since the last call.
+    pub fn drain_telemetry(&mut self) {
+        if let Err(e) = self.telemetry.drain() {
+            tracing::error!(error = %e, "reading flow events");
+        }
+    }
+
+    /// The flow series as a scrape shows them (closed totals plus open connections now).
+    pub fn flow_series(
+        &mut self,
+    ) -> Result<std::collections::BTreeMap<crate::telemetry::Labels, crate::telemetry::Series>>
+    {
+        self.telemetry.series(&self.maps.stats)
+    }
+
     /// Applies the services file if it changed, and logs what happened.
     pub fn poll_services(&mut self) {
         match self.services.poll(&mut self.maps) {
@@ -251,8 +301,19 @@ impl Agent {
                 name,
                 sidecar,
                 accel,
+                telemetry,
                 cni,
-            } => json!(self.pod_add(&netns, &ips, name, sidecar, accel, cni)?),
+            } => json!(self.pod_add(
+                &netns,
+                &ips,
+                name,
+                crate::pods::PodOptions {
+                    sidecar,
+                    accel,
+                    telemetry,
+                    cni,
+                },
+            )?),
             Request::PodDel {
                 netns,
                 name,
@@ -271,6 +332,13 @@ impl Agent {
                 move_established,
             } => json!(self.accel(on, move_established)?),
             Request::Uninstall => json!(self.uninstall()?),
+            Request::Flows { query } => {
+                query
+                    .validate()
+                    .map_err(|e| Error::Invalid(format!("flows: {e}")))?;
+                self.drain_telemetry();
+                json!(self.telemetry.query(&query))
+            }
         };
         Ok(v)
     }
@@ -387,6 +455,22 @@ impl Agent {
                     })
                     .collect(),
                 reset_connections: self.spliced_resets,
+            },
+            telemetry: TelemetryStatus {
+                active: true,
+                detail: "sockops opens and closes flows; sock_send_length/sock_recv_length count \
+                         the bytes applications write and read (both paths); tcp_destroy_sock \
+                         ends them; sk_msg's per-socket counters split them by path"
+                    .into(),
+                ring_bytes: self.telemetry.ring_bytes,
+                events: self.telemetry.events,
+                events_lost: self
+                    .maps
+                    .counters()?
+                    .into_iter()
+                    .find(|(c, _)| *c == dataplane_common::Counter::EventsLost)
+                    .map_or(0, |(_, v)| v),
+                open_flows: self.telemetry.open_flows(),
             },
         })
     }

@@ -18,9 +18,11 @@
 //! | [`agent`] | start-up policy, request dispatch, status |
 //! | [`server`] | the local API socket |
 //! | [`metrics`] | `/metrics` |
+//! | [`telemetry`] | flow events → totals, live counts, records for `observe` |
+//! | `ring` | the flow event ring buffer, released only after a checkpoint |
 //! | [`selftest`] | the start-up self-test |
 //! | [`runtime`] | what runs after start-up, until a signal or `uninstall` |
-//! | `sys`, `bpf_sys` | the raw syscalls (the only modules with `unsafe`) |
+//! | `sys`, `bpf_sys`, `ring` | the raw syscalls and the ring's mapping (the only modules with `unsafe`) |
 #![deny(unsafe_code)]
 
 pub mod addr;
@@ -33,6 +35,8 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod pods;
+#[allow(unsafe_code)]
+mod ring;
 pub mod runtime;
 pub mod selftest;
 pub mod server;
@@ -40,6 +44,7 @@ pub mod services;
 pub mod state;
 #[allow(unsafe_code)]
 mod sys;
+pub mod telemetry;
 
 pub use error::{Error, Result};
 pub use meshlane_api::defaults;

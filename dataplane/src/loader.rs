@@ -14,10 +14,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, MapInfo, MapType, SockHash},
-    programs::SkMsg,
+    maps::{HashMap, MapData, MapInfo, MapType, SockHash},
+    programs::{
+        SkMsg,
+        links::{FdLink, PinnedLink},
+    },
 };
-use dataplane_common::{SockKey, map_names, maps::MapSpec, program_names};
+use dataplane_common::{
+    Flow, SockKey, map_names,
+    maps::{LoadSizes, MapSpec},
+    program_names,
+};
 use meshlane_api::types::AttachedProgram;
 
 pub use meshlane_api::pins::{PinPaths, unpin_all};
@@ -35,20 +42,27 @@ pub struct LoadOptions {
     pub bpffs: PathBuf,
     /// The cgroup v2 directory the cgroup programs attach to.
     pub cgroup: PathBuf,
-    /// Capacity of the SOCKHASH (and, twice that, of the per-socket statistics).
-    pub sockhash_capacity: u32,
+    /// Capacity of the SOCKHASH (and, twice that, of the per-socket statistics), and the
+    /// size of the flow event ring.
+    pub sizes: LoadSizes,
 }
 
 /// The map table as this agent loads it: `dataplane-common`'s table with the load-time
 /// capacities applied.
-pub fn expected_maps(sockhash_capacity: u32) -> Vec<MapSpec> {
+pub fn expected_maps(sizes: LoadSizes) -> Vec<MapSpec> {
     dataplane_common::maps::ALL
         .iter()
         .map(|m| MapSpec {
-            max_entries: m.max_entries_at_load(sockhash_capacity),
+            max_entries: m.max_entries_at_load(sizes),
             ..*m
         })
         .collect()
+}
+
+/// The maps telemetry reads: the event ring and the flow map.
+pub struct TelemetryMaps {
+    pub ring: MapData,
+    pub flows: HashMap<MapData, u64, Flow>,
 }
 
 fn describe(ty: MapType, key: u32, value: u32, max: u32) -> String {
@@ -86,9 +100,9 @@ impl std::fmt::Debug for Loaded {
 
 /// Checks every existing pin against the layout this build expects. Returns whether any pin
 /// exists.
-fn check_pins(pins: &PinPaths, sockhash_capacity: u32) -> Result<bool> {
+fn check_pins(pins: &PinPaths, sizes: LoadSizes) -> Result<bool> {
     let mut any = false;
-    for l in expected_maps(sockhash_capacity) {
+    for l in expected_maps(sizes) {
         let path = pins.maps.join(l.name);
         if !path.exists() {
             continue;
@@ -122,13 +136,13 @@ fn check_pins(pins: &PinPaths, sockhash_capacity: u32) -> Result<bool> {
 
 /// Loads the programs, reusing matching pins, and attaches them. Redirect stays as the CONFIG
 /// map says (off on a fresh install); the caller switches it after the self-test.
-pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
+pub fn load(options: LoadOptions) -> Result<(Loaded, Maps, TelemetryMaps)> {
     let pins = PinPaths::new(&options.bpffs);
     for dir in [&pins.maps, &pins.links] {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io("creating the pin directory", dir, e))?;
     }
-    let reused_pins = check_pins(&pins, options.sockhash_capacity)?;
+    let reused_pins = check_pins(&pins, options.sizes)?;
 
     let mut loader = EbpfLoader::new();
     if std::env::var_os("MESHLANE_VERIFIER_LOG").is_some() {
@@ -136,7 +150,7 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
         loader.verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
     }
     loader.default_map_pin_directory(&pins.maps);
-    for m in expected_maps(options.sockhash_capacity)
+    for m in expected_maps(options.sizes)
         .into_iter()
         .filter(|m| m.adjustable())
     {
@@ -145,6 +159,8 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
     let mut ebpf = loader.load(EBPF_ELF)?;
 
     let mut programs = Vec::new();
+    // Before sockops creates flows, so their bytes and their end are seen.
+    programs.append(&mut attach_telemetry(&mut ebpf, &pins)?);
     for p in CGROUP_PROGRAMS {
         programs.push(attach_cgroup(&mut ebpf, &pins, &options.cgroup, p)?);
     }
@@ -194,6 +210,20 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
         reader_pods: take(&mut ebpf, map_names::READER_PODS)?,
         spliced: take(&mut ebpf, map_names::SPLICED)?,
     };
+    let telemetry = TelemetryMaps {
+        ring: match ebpf.take_map(map_names::EVENTS) {
+            Some(aya::maps::Map::RingBuf(m)) => m,
+            _ => {
+                return Err(Error::Map {
+                    name: map_names::EVENTS,
+                    source: aya::maps::MapError::InvalidName {
+                        name: map_names::EVENTS.into(),
+                    },
+                });
+            }
+        },
+        flows: take(&mut ebpf, map_names::FLOWS)?,
+    };
     Ok((
         Loaded {
             _ebpf: ebpf,
@@ -204,6 +234,7 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps)> {
             reader_guard,
         },
         maps,
+        telemetry,
     ))
 }
 
@@ -399,7 +430,7 @@ fn stronger_guards() -> String {
 
 /// The reader guard's tracepoints, in attach order (exits before enters, the detectors last, so
 /// no thread is ever left marked by an enter whose exit was not attached yet).
-const GUARD_TRACEPOINTS: [(&str, &str, &str); 8] = [
+const GUARD_TRACEPOINTS: [(&str, &str, &str); 7] = [
     (program_names::URING_DONE, "io_uring", "io_uring_complete"),
     (
         program_names::URING_SUBMIT,
@@ -419,7 +450,48 @@ const GUARD_TRACEPOINTS: [(&str, &str, &str); 8] = [
         "sys_enter_sendfile64",
     ),
     (program_names::RCV_SPACE, "tcp", "tcp_rcv_space_adjust"),
+];
+
+/// Telemetry's tracepoints (the recv one also serves the reader guard): pinned, so bytes are
+/// counted and flows end while no agent runs.
+const TELEMETRY_TRACEPOINTS: [(&str, &str, &str); 3] = [
+    (program_names::DESTROY_SOCK, "tcp", "tcp_destroy_sock"),
+    (program_names::SEND_LENGTH, "sock", "sock_send_length"),
     (program_names::RECV_LENGTH, "sock", "sock_recv_length"),
+];
+
+/// The record fields telemetry reads at fixed offsets (as [`GUARD_FIELDS`]).
+const TELEMETRY_FIELDS: [(&str, &str, usize, usize); 5] = [
+    (
+        "tcp/tcp_destroy_sock",
+        "const void * skaddr",
+        dataplane_common::TP_SK_OFFSET,
+        8,
+    ),
+    (
+        "sock/sock_send_length",
+        "void * sk",
+        dataplane_common::TP_SK_OFFSET,
+        8,
+    ),
+    (
+        "sock/sock_send_length",
+        "int ret",
+        dataplane_common::LENGTH_RET_OFFSET,
+        4,
+    ),
+    (
+        "sock/sock_recv_length",
+        "int ret",
+        dataplane_common::LENGTH_RET_OFFSET,
+        4,
+    ),
+    (
+        "sock/sock_recv_length",
+        "int flags",
+        dataplane_common::RECV_LENGTH_FLAGS_OFFSET,
+        4,
+    ),
 ];
 
 /// The record fields the detectors read at fixed offsets: (event, field as the format file
@@ -479,21 +551,10 @@ fn attach_reader_guard(ebpf: &mut Ebpf) -> Result<(Vec<AttachedProgram>, bool)> 
     let tracefs = crate::sys::ensure_tracefs()?;
     let uring = tracefs.join("events/io_uring").is_dir();
     let wanted = |event: &str| uring || !event.starts_with("io_uring");
-    for (event, field, offset, size) in GUARD_FIELDS {
-        if !wanted(event) {
-            continue;
-        }
-        let format = tracefs.join("events").join(event).join("format");
-        let text = std::fs::read_to_string(&format)
-            .map_err(|e| Error::io("reading the tracepoint format", &format, e))?;
-        let want = format!("field:{field};\toffset:{offset};\tsize:{size};");
-        if !text.contains(&want) {
-            return Err(Error::Internal(format!(
-                "{}: `{field}` is not at offset {offset} (size {size}) on this kernel",
-                format.display()
-            )));
-        }
-    }
+    check_fields(
+        &tracefs,
+        GUARD_FIELDS.iter().filter(|(event, ..)| wanted(event)),
+    )?;
     let mut out = Vec::new();
     for (name, category, event) in GUARD_TRACEPOINTS {
         if !wanted(category) {
@@ -513,6 +574,106 @@ fn attach_reader_guard(ebpf: &mut Ebpf) -> Result<(Vec<AttachedProgram>, bool)> 
         });
     }
     Ok((out, uring))
+}
+
+/// Fails unless every field is where the programs read it: (event, field as the format file
+/// declares it, offset, size).
+fn check_fields<'a>(
+    tracefs: &Path,
+    fields: impl IntoIterator<Item = &'a (&'a str, &'a str, usize, usize)>,
+) -> Result<()> {
+    for (event, field, offset, size) in fields {
+        let format = tracefs.join("events").join(event).join("format");
+        let text = std::fs::read_to_string(&format)
+            .map_err(|e| Error::io("reading the tracepoint format", &format, e))?;
+        let want = format!("field:{field};\toffset:{offset};\tsize:{size};");
+        if !text.contains(&want) {
+            return Err(Error::Internal(format!(
+                "{}: `{field}` is not at offset {offset} (size {size}) on this kernel",
+                format.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Attaches telemetry's tracepoints through pinned perf-event links. A link an earlier agent
+/// pinned is kept when it runs the same program (the same tag: a restart of the same build), so
+/// no byte goes uncounted or counted twice across a restart; a different program (an upgrade)
+/// is attached beside it first, then the old link is removed, so during that moment a byte may
+/// count twice (perf-event links cannot swap programs in place).
+fn attach_telemetry(ebpf: &mut Ebpf, pins: &PinPaths) -> Result<Vec<AttachedProgram>> {
+    let tracefs = crate::sys::ensure_tracefs()?;
+    check_fields(&tracefs, TELEMETRY_FIELDS.iter())?;
+    let mut out = Vec::new();
+    for (name, category, event) in TELEMETRY_TRACEPOINTS {
+        let id = load_named(ebpf, name)?;
+        let prog: &mut aya::programs::TracePoint = program(ebpf, name)?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        let tag = prog
+            .info()
+            .map_err(|source| Error::Program { name, source })?
+            .tag();
+        let path = pins.link(name);
+        let old = if path.exists() {
+            let link = FdLink::from(PinnedLink::from_pin(&path).map_err(|e| {
+                Error::io("opening the pinned link", &path, std::io::Error::other(e))
+            })?);
+            let prog_id = link
+                .info()
+                .map_err(|e| Error::io("reading the pinned link", &path, std::io::Error::other(e)))?
+                .program_id();
+            let old_tag = aya::programs::loaded_programs()
+                .filter_map(|p| p.ok())
+                .find(|p| p.id() == prog_id)
+                .map(|p| p.tag());
+            Some((old_tag, prog_id))
+        } else {
+            None
+        };
+        let (attached_id, how) = match old {
+            Some((Some(t), prog_id)) if t == tag => (prog_id, "kept from the previous agent"),
+            _ => {
+                let link_id = prog
+                    .attach(category, event)
+                    .map_err(|source| Error::Program { name, source })?;
+                let link: FdLink = prog
+                    .take_link(link_id)
+                    .map_err(|source| Error::Program { name, source })?
+                    .try_into()
+                    .map_err(|e| {
+                        Error::io("making a perf-event link", &path, std::io::Error::other(e))
+                    })?;
+                // bpffs refuses names with a dot (kernel/bpf/inode.c).
+                let fresh = pins.link(&format!("{name}_new"));
+                let _stale_is_fine = std::fs::remove_file(&fresh);
+                let pinned = link
+                    .pin(&fresh)
+                    .map_err(|e| Error::io("pinning the link", &fresh, std::io::Error::other(e)))?;
+                // Replacing the pin drops the old link's last reference: it detaches.
+                std::fs::rename(&fresh, &path)
+                    .map_err(|e| Error::io("replacing the pinned link", &path, e))?;
+                drop(pinned);
+                (
+                    id,
+                    if old.is_some() {
+                        "replaced the previous agent's"
+                    } else {
+                        "new"
+                    },
+                )
+            }
+        };
+        tracing::debug!(program = name, how, "telemetry tracepoint");
+        out.push(AttachedProgram {
+            name: name.into(),
+            id: attached_id,
+            attach: format!("tracepoint {category}/{event} (pinned link)"),
+            pinned_link: Some(path),
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -554,7 +715,10 @@ mod tests {
                 spec.name
             );
         }
-        let loaded = expected_maps(100);
+        let loaded = expected_maps(LoadSizes {
+            sockhash: 100,
+            events_ring_bytes: 8192,
+        });
         let by = |n: &str| {
             loaded
                 .iter()
@@ -565,5 +729,6 @@ mod tests {
         assert_eq!(by(map_names::SOCKHASH), 100);
         assert_eq!(by(map_names::SOCK_STATS), 200);
         assert_eq!(by(map_names::NETNS), dataplane_common::NETNS_CAPACITY);
+        assert_eq!(by(map_names::EVENTS), 8192);
     }
 }

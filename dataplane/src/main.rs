@@ -35,6 +35,10 @@ struct Args {
     #[arg(long, env = "MESHLANE_SOCKHASH_CAPACITY", default_value_t = dataplane_common::SOCKHASH_CAPACITY,
           value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
     sockhash_capacity: u32,
+    /// Size of the flow event ring buffer in bytes (a power of two, at least 4096). When the
+    /// agent falls behind by more, events are dropped and counted (`events_lost`).
+    #[arg(long, env = "MESHLANE_EVENTS_RING_BYTES", default_value_t = dataplane_common::EVENTS_RING_BYTES)]
+    events_ring_bytes: u32,
     /// Services file (YAML, see the README): VIPs and their backends. Re-read when it changes;
     /// a file with errors is refused and the previous table stays in force.
     #[arg(long, env = "MESHLANE_SERVICES")]
@@ -80,6 +84,7 @@ fn run() -> anyhow::Result<()> {
         bpffs: args.bpffs,
         state_file: args.state_file,
         sockhash_capacity: args.sockhash_capacity,
+        events_ring_bytes: args.events_ring_bytes,
         services: args.services,
         no_selftest: args.no_selftest,
         cni_queue_dir: args.cni_queue_dir,

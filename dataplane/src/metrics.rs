@@ -1,11 +1,14 @@
 //! Prometheus metrics, read from the maps at scrape time (the kernel counters are the source of
 //! truth; nothing is cached in the agent), served on `--metrics-addr`.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet},
     metrics::{counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
@@ -13,15 +16,124 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use meshlane_api::types::Status;
 
-use crate::agent::Agent;
+use crate::{
+    agent::Agent,
+    telemetry::{Labels, RTT_BUCKETS, Series, Totals},
+};
 
-/// One scrape's snapshot of the agent's status.
+/// One scrape's snapshot of the agent's status and telemetry.
 #[derive(Debug)]
-struct Snapshot(Status);
+struct Snapshot {
+    status: Status,
+    flows: BTreeMap<Labels, Series>,
+    /// Label sets not kept (the cap was hit) and connections whose close never arrived.
+    losses: (u64, u64),
+}
+
+/// The L4 flow series (see the README's table for what each means).
+fn encode_flows(
+    flows: &BTreeMap<Labels, Series>,
+    losses: (u64, u64),
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::metrics::MetricType;
+    for (name, help, dir) in [
+        (
+            "meshlane_tcp_sent_bytes",
+            "Bytes the reporter's application wrote on TCP connections, by path (redirected socket to socket, or through the stack)",
+            true,
+        ),
+        (
+            "meshlane_tcp_received_bytes",
+            "Bytes the reporter's application read on TCP connections, by path",
+            false,
+        ),
+    ] {
+        let mut e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (l, s) in flows {
+            for (path, v) in if dir {
+                [
+                    ("redirected", s.bytes.sent_redirected),
+                    ("stack", s.bytes.sent_stack),
+                ]
+            } else {
+                [
+                    ("redirected", s.bytes.received_redirected),
+                    ("stack", s.bytes.received_stack),
+                ]
+            } {
+                let mut labels = l.pairs().to_vec();
+                labels.push(("path", path));
+                ConstCounter::new(v).encode(e.encode_family(&labels)?)?;
+            }
+        }
+    }
+    type Field = fn(&Totals) -> u64;
+    let counters: [(&str, &str, Field); 3] = [
+        (
+            "meshlane_tcp_connections_opened",
+            "TCP connections established, as the reporter saw them",
+            |t| t.opened,
+        ),
+        (
+            "meshlane_tcp_connections_closed",
+            "TCP connections ended (socket destroyed after the application's last read)",
+            |t| t.closed,
+        ),
+        (
+            "meshlane_tcp_retransmits",
+            "Segments the reporter's TCP retransmitted, counted when the connection closes",
+            |t| t.retransmits,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let mut e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (l, s) in flows {
+            ConstCounter::new(get(&s.totals)).encode(e.encode_family(&l.pairs())?)?;
+        }
+    }
+    let mut e = encoder.encode_descriptor(
+        "meshlane_tcp_rtt_seconds",
+        "Smoothed RTT of closed TCP connections that carried data through the stack, one observation per connection",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (l, s) in flows {
+        let t = &s.totals;
+        let mut buckets: Vec<(f64, u64)> = RTT_BUCKETS
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (*b, t.rtt_buckets.get(i).copied().unwrap_or(0)))
+            .collect();
+        buckets.push((
+            f64::MAX,
+            t.rtt_buckets.get(RTT_BUCKETS.len()).copied().unwrap_or(0),
+        ));
+        e.encode_family(&l.pairs())?
+            .encode_histogram::<NoLabelSet>(t.rtt_sum, t.rtt_count, &buckets, None)?;
+    }
+    for (name, help, v) in [
+        (
+            "meshlane_telemetry_series_dropped",
+            "Connections counted under the _overflow label set because the label-set cap was reached",
+            losses.0,
+        ),
+        (
+            "meshlane_telemetry_flows_lost",
+            "Connections whose close event never arrived (the ring was full): counted closed with their last bytes read",
+            losses.1,
+        ),
+    ] {
+        let e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        ConstCounter::new(v).encode(e)?;
+    }
+    Ok(())
+}
 
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let status = &self.0;
+        encode_flows(&self.flows, self.losses, &mut encoder)?;
+        let status = &self.status;
         let counters = encoder.encode_descriptor(
             "meshlane_dataplane_events",
             "Dataplane events by reason (sockets inserted, messages redirected, passes to the stack by cause)",
@@ -65,15 +177,25 @@ impl Collector for Snapshot {
 
 /// The exposition text of one scrape, read from the maps now; or why it cannot be produced.
 pub fn render(agent: &Mutex<Agent>) -> Result<String, String> {
-    let status = {
-        let a = agent
+    let snapshot = {
+        let mut a = agent
             .lock()
             .map_err(|_| "the agent's state is poisoned".to_string())?;
-        a.status()
-            .map_err(|e| format!("reading the agent's status: {e}"))?
+        a.drain_telemetry();
+        let status = a
+            .status()
+            .map_err(|e| format!("reading the agent's status: {e}"))?;
+        let flows = a
+            .flow_series()
+            .map_err(|e| format!("reading the open flows: {e}"))?;
+        Snapshot {
+            status,
+            flows,
+            losses: a.telemetry.losses(),
+        }
     };
     let mut r = Registry::default();
-    r.register_collector(Box::new(Snapshot(status)));
+    r.register_collector(Box::new(snapshot));
     let mut body = String::new();
     prometheus_client::encoding::text::encode(&mut body, &r)
         .map_err(|e| format!("encoding the metrics: {e}"))?;

@@ -78,6 +78,9 @@ fn enroll_maps(maps: &mut Maps, pod: &Pod) -> Result<()> {
     {
         maps.put_noaccel(port_key(pod.netns_cookie, port))?;
     }
+    if pod.telemetry {
+        flags |= netns_flags::TELEMETRY;
+    }
     if let Some(sc) = &pod.sidecar {
         // Settings before the flag that makes the programs look for them.
         maps.put_sidecar(pod.netns_cookie, sidecar_map(sc))?;
@@ -132,6 +135,16 @@ fn unenroll_maps(maps: &mut Maps, pod: &Pod) {
             tracing::warn!(error = %e, "removing an endpoint");
         }
     }
+}
+
+/// What a `pod_add` asks for besides the pod's netns, IPs and name.
+#[derive(Debug, Default)]
+pub(crate) struct PodOptions {
+    pub sidecar: Option<SidecarSpec>,
+    pub accel: Option<AccelSpec>,
+    /// Observe its connections; none: yes.
+    pub telemetry: Option<bool>,
+    pub cni: Option<CniAttachment>,
 }
 
 impl Agent {
@@ -195,10 +208,14 @@ impl Agent {
         netns: &Path,
         ips: &[IpAddr],
         name: Option<String>,
-        sidecar: Option<SidecarSpec>,
-        accel: Option<AccelSpec>,
-        cni: Option<CniAttachment>,
+        options: PodOptions,
     ) -> Result<Pod> {
+        let PodOptions {
+            sidecar,
+            accel,
+            telemetry,
+            cni,
+        } = options;
         let invalid = |m: String| Error::Invalid(format!("pod add: {m}"));
         let conflict = |m: String| Error::Conflict(format!("pod add: {m}"));
         if let Some(sc) = &sidecar {
@@ -290,6 +307,7 @@ impl Agent {
             sidecar,
             cni,
             accel,
+            telemetry: telemetry.unwrap_or(true),
         };
         if let Err(e) = enroll_maps(&mut self.maps, &pod) {
             unenroll_maps(&mut self.maps, &pod);
@@ -303,6 +321,7 @@ impl Agent {
             unenroll_maps(&mut self.maps, &pod);
             return Err(e);
         }
+        self.telemetry.set_pods(&self.state.pods);
         tracing::info!(id = pod.id, name = ?pod.name, netns = %pod.netns.display(), "pod enrolled");
         Ok(pod)
     }
@@ -351,6 +370,8 @@ impl Agent {
             return Err(e);
         }
         unenroll_maps(&mut self.maps, &pod);
+        // Connections of the pod still open keep the names they were counted under.
+        self.telemetry.set_pods(&self.state.pods);
         tracing::info!(id = pod.id, name = ?pod.name, "pod removed");
         Ok(pod)
     }

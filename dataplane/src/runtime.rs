@@ -13,6 +13,8 @@ use crate::{Error, Result, agent::Agent, metrics, server};
 
 /// How often the services file and the CNI queue are checked for changes.
 pub const INPUTS_POLL: Duration = Duration::from_millis(500);
+/// How often flow events are read (the ring holds several seconds of a busy node's events).
+pub const EVENTS_POLL: Duration = Duration::from_millis(100);
 
 /// Where the running agent listens.
 #[derive(Clone, Debug)]
@@ -31,6 +33,35 @@ pub fn run(agent: Agent, listen: &Listen) -> Result<()> {
         .build()
         .map_err(|e| Error::io("starting the async runtime", "tokio", e))?;
     rt.block_on(serve(agent, listen))
+}
+
+/// Reads flow events as the kernel adds them (it wakes the ring's epoll), and at least every
+/// [`EVENTS_POLL`] in case a wakeup was missed.
+async fn read_flow_events(
+    agent: Arc<Mutex<Agent>>,
+    ring: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+) {
+    loop {
+        tokio::select! {
+            ready = ring.readable() => match ready {
+                Ok(mut guard) => guard.clear_ready(),
+                Err(e) => {
+                    tracing::error!(error = %e, "waiting for flow events; polling instead");
+                    tokio::time::sleep(EVENTS_POLL).await;
+                }
+            },
+            _ = tokio::time::sleep(EVENTS_POLL) => {}
+        }
+        let agent = agent.clone();
+        let drained = tokio::task::spawn_blocking(move || match agent.lock() {
+            Ok(mut a) => a.drain_telemetry(),
+            Err(_) => tracing::error!("agent state poisoned; flow events not read"),
+        })
+        .await;
+        if let Err(e) = drained {
+            tracing::error!(error = %e, "reading flow events");
+        }
+    }
 }
 
 async fn serve(agent: Agent, listen: &Listen) -> Result<()> {
@@ -72,6 +103,19 @@ async fn serve(agent: Agent, listen: &Listen) -> Result<()> {
             }
         });
     }
+
+    let ring_fd = {
+        let a = agent
+            .lock()
+            .map_err(|_| Error::Internal("agent state poisoned".into()))?;
+        a.telemetry
+            .ring_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("duplicating the flow event ring's fd", "ML_EVENTS", e))?
+    };
+    let ring_ready = crate::sys::watch_readable(ring_fd)
+        .map_err(|e| Error::io("watching the flow event ring", "ML_EVENTS", e))?;
+    tokio::spawn(read_flow_events(agent.clone(), ring_ready));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("installing the SIGTERM handler", "signal", e))?;

@@ -104,6 +104,7 @@ mod tests {
             mode: meshlane_api::types::PodMode::Sidecar,
             cni: None,
             accel: None,
+            telemetry: true,
         });
         s.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), s);

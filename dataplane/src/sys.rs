@@ -311,6 +311,29 @@ pub fn set_loopback_up() -> std::io::Result<()> {
     if rc < 0 { Err(err) } else { Ok(()) }
 }
 
+/// A clock's time in ns (CLOCK_MONOTONIC is what `bpf_ktime_get_ns` reads).
+pub fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec to write.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// Registers an fd the caller owns with the async runtime, for readiness to read.
+pub fn watch_readable(
+    fd: std::os::fd::OwnedFd,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the AsyncFd owns `fd` (it is moved in) and never replaces or closes it while
+    // registered: tokio's requirement (tokio-rs/tokio#8587).
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            .map_err(|e| e.into_parts().1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

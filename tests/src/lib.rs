@@ -30,6 +30,7 @@ use meshlane_api::{Client, Request};
 use serde_json::Value;
 
 pub mod cni;
+pub mod metrics;
 pub mod probe;
 pub mod svc;
 
@@ -563,6 +564,7 @@ impl Lab {
             name: Some(format!("lab/{}", pod.name)),
             sidecar,
             accel: None,
+            telemetry: None,
             cni: None,
         })
     }

@@ -422,6 +422,7 @@ fn an_agent_away_loses_nothing() -> Result<()> {
             name: Some("lab/late".into()),
             sidecar: None,
             accel: None,
+            telemetry: None,
             cni: Some(meshlane_api::types::CniAttachment {
                 container_id: "late-container".into(),
                 ifname: "eth0".into(),

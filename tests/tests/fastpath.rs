@@ -630,6 +630,7 @@ fn identical_loopback_tuples_in_two_pods_never_meet() -> Result<()> {
             name: None,
             sidecar: None,
             accel: None,
+            telemetry: None,
             cni: None,
         })
         .expect_err("enrolling the host netns must fail");
@@ -774,6 +775,7 @@ fn opt_outs_keep_a_pod_or_its_ports_off_the_fast_path() -> Result<()> {
             name: Some(format!("lab/{}", p.name)),
             sidecar: None,
             accel,
+            telemetry: None,
             cni: None,
         })
     };

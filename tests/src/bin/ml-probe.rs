@@ -6,6 +6,9 @@
 //! ml-probe checks --listen ADDR --server-netns PATH   (FIONREAD, epoll, poll across two netns)
 //! ml-probe send --to 10.77.0.11:7000 --bytes N [--method M] [--conns C] [--duplex D]
 //!               [--bind ADDR] [--expect-tag T] [--chunk K] [--pace-ms MS]
+//! ml-probe link-emu --a-netns PATH --b-netns PATH --delay-ms MS [--loss-b-to-a PCT]
+//!               (a point-to-point link with delay and loss: tc netem's job, for kernels without
+//!               sch_netem; TUN device `mltun0` in each namespace)
 //! ```
 //! Both print one JSON line at the end; `send` exits non-zero unless every connection was exact.
 
@@ -44,6 +47,7 @@ fn main() {
         Some("send") => send(&args),
         Some("checks") => checks(&args),
         Some("uring-splice-serve") => uring_splice_serve(&args),
+        Some("link-emu") => link_emu(&args),
         _ => Err(anyhow::anyhow!("usage: ml-probe serve|send ...")),
     };
     if let Err(e) = r {
@@ -476,5 +480,100 @@ fn uring_splice_serve(args: &[String]) -> Result<()> {
         std::io::stdout().flush()?;
         drop(c);
     }
+    Ok(())
+}
+
+/// `TUNSETIFF` (`_IOW('T', 202, int)`) and the flags of a layer-3 TUN device without the packet
+/// information header.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TUN: u16 = 0x0001;
+const IFF_NO_PI: u16 = 0x1000;
+
+/// Creates TUN device `name` in the network namespace at `netns` (by entering it on a thread of
+/// its own, whose namespace dies with it; the device fd keeps working anywhere).
+fn tun_in(netns: &str, name: &str) -> Result<std::fs::File> {
+    let (netns, name) = (netns.to_string(), name.to_string());
+    std::thread::spawn(move || -> Result<std::fs::File> {
+        let ns = std::fs::File::open(&netns).with_context(|| netns.clone())?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
+        // struct ifreq: the name (16 bytes), then the flags (a short) in the union.
+        let mut req = [0u8; 40];
+        req[..name.len()].copy_from_slice(name.as_bytes());
+        req[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is large enough to hold.
+        let r = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) };
+        if r < 0 {
+            bail!(
+                "TUNSETIFF {name} in {netns}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(tun)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("tun thread panicked"))?
+}
+
+/// One direction of the emulated link: every packet read from `from` is written to `to`
+/// `delay` later (in order), except those dropped at `loss_pct` percent (a fixed-seed
+/// xorshift, so a run is repeatable).
+fn forward(
+    mut from: std::fs::File,
+    mut to: std::fs::File,
+    delay: Duration,
+    loss_pct: f64,
+    seed: u64,
+) -> std::thread::JoinHandle<Result<()>> {
+    use std::io::Read as _;
+    let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+    std::thread::spawn(move || -> Result<()> {
+        while let Ok((due, pkt)) = rx.recv() {
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            // A write refused (the device went down) only loses this packet, as a link would.
+            let _lost_like_on_a_link = to.write(&pkt);
+        }
+        Ok(())
+    });
+    std::thread::spawn(move || -> Result<()> {
+        let mut x = seed | 1;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = from.read(&mut buf)?;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if (x % 1_000_000) as f64 / 10_000.0 < loss_pct {
+                continue;
+            }
+            if tx
+                .send((std::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    })
+}
+
+fn link_emu(args: &[String]) -> Result<()> {
+    let a = arg(args, "--a-netns").context("--a-netns")?;
+    let b = arg(args, "--b-netns").context("--b-netns")?;
+    let delay = Duration::from_millis(num(args, "--delay-ms", 0)?);
+    let loss: f64 = arg(args, "--loss-b-to-a").unwrap_or("0").parse()?;
+    let ta = tun_in(a, "mltun0")?;
+    let tb = tun_in(b, "mltun0")?;
+    let ab = forward(ta.try_clone()?, tb.try_clone()?, delay, 0.0, 1);
+    let ba = forward(tb, ta, delay, loss, 0x9e37_79b9_7f4a_7c15);
+    println!("ready");
+    std::io::stdout().flush()?;
+    ab.join().map_err(|_| anyhow::anyhow!("a→b panicked"))??;
+    ba.join().map_err(|_| anyhow::anyhow!("b→a panicked"))??;
     Ok(())
 }

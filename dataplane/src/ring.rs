@@ -1,0 +1,161 @@
+//! A reader of a BPF ring buffer (`BPF_MAP_TYPE_RINGBUF`) that lets the caller decide when the
+//! consumer position moves: telemetry first makes a batch of events durable (its checkpoint
+//! names the position after them), then releases them, so a killed agent neither loses nor
+//! re-counts a batch. aya's reader releases each record as it is dropped, which cannot give that.
+//!
+//! The layout is the kernel's (kernel/bpf/ringbuf.c): the consumer page (read-write, at offset
+//! 0), then the producer page and the data pages mapped twice in a row (read-only), so a record
+//! that wraps is contiguous. Each record has an 8-byte header: its length with the BUSY (bit 31)
+//! and DISCARD (bit 30) flags, and a page offset; records are 8-byte aligned.
+
+use std::{
+    os::fd::{AsRawFd, BorrowedFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+};
+
+const BUSY: u32 = 1 << 31;
+const DISCARD: u32 = 1 << 30;
+const HEADER: u64 = 8;
+
+pub struct Ring {
+    consumer: NonNull<libc::c_void>,
+    producer: NonNull<libc::c_void>,
+    page: usize,
+    size: u64,
+}
+
+// SAFETY: the mappings are owned by this value and only used through `&mut self`.
+unsafe impl Send for Ring {}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring").field("size", &self.size).finish()
+    }
+}
+
+impl Ring {
+    /// Maps the ring buffer `fd` of `size` bytes (its `max_entries`).
+    pub fn new(fd: BorrowedFd<'_>, size: u32) -> std::io::Result<Ring> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let map = |len: usize, prot: i32, offset: usize| {
+            // SAFETY: a fresh shared mapping of the map's fd; the kernel checks length,
+            // protection and offset against the ring's layout.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    prot,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    offset as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(NonNull::new(p).expect("mmap never returns null on success"))
+            }
+        };
+        let consumer = map(page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+        let producer = match map(page + 2 * size as usize, libc::PROT_READ, page) {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: the mapping made just above.
+                unsafe { libc::munmap(consumer.as_ptr(), page) };
+                return Err(e);
+            }
+        };
+        Ok(Ring {
+            consumer,
+            producer,
+            page,
+            size: u64::from(size),
+        })
+    }
+
+    fn consumer_pos(&self) -> &AtomicU64 {
+        // SAFETY: the consumer page starts with the kernel's `unsigned long consumer_pos`,
+        // 8-byte aligned (page aligned).
+        unsafe { AtomicU64::from_ptr(self.consumer.as_ptr().cast()) }
+    }
+
+    fn producer_pos(&self) -> &AtomicU64 {
+        // SAFETY: as above, for the producer page.
+        unsafe { AtomicU64::from_ptr(self.producer.as_ptr().cast()) }
+    }
+
+    /// The position up to which records have been released.
+    pub fn position(&self) -> u64 {
+        self.consumer_pos().load(Ordering::Acquire)
+    }
+
+    /// Skips forward to `pos` (records before it were counted by an earlier agent). A `pos`
+    /// behind the current position or past what was produced is ignored; returns whether it
+    /// was applied.
+    pub fn skip_to(&mut self, pos: u64) -> bool {
+        let (cons, prod) = (self.position(), self.producer_pos().load(Ordering::Acquire));
+        if pos <= cons || pos > prod {
+            return false;
+        }
+        self.consumer_pos().store(pos, Ordering::Release);
+        true
+    }
+
+    /// Calls `f` with each complete record after the consumer position, at most `max`, without
+    /// releasing them; returns the position after the last one read (pass it to
+    /// [`Ring::release`]).
+    pub fn read(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> u64 {
+        let mut cons = self.position();
+        let prod = self.producer_pos().load(Ordering::Acquire);
+        let data = self.producer.as_ptr().cast::<u8>().wrapping_add(self.page);
+        let mut n = 0;
+        while cons < prod && n < max {
+            let at = (cons & (self.size - 1)) as usize;
+            // SAFETY: `at` is inside the first copy of the data pages; the header is 8-byte
+            // aligned, its length word read with acquire as the kernel's commit publishes it.
+            let hdr =
+                unsafe { AtomicU32::from_ptr(data.add(at).cast::<u32>()) }.load(Ordering::Acquire);
+            if hdr & BUSY != 0 {
+                break;
+            }
+            let len = hdr & !(BUSY | DISCARD);
+            if hdr & DISCARD == 0 {
+                // SAFETY: a committed record of `len` bytes after its header; the double
+                // mapping makes it contiguous even where it wraps.
+                let body = unsafe {
+                    std::slice::from_raw_parts(data.add(at + HEADER as usize), len as usize)
+                };
+                f(body);
+                n += 1;
+            }
+            cons += (u64::from(len) + HEADER).next_multiple_of(8);
+        }
+        cons
+    }
+
+    /// Gives the records before `pos` back to the kernel.
+    pub fn release(&mut self, pos: u64) {
+        self.consumer_pos().store(pos, Ordering::Release);
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: the mappings made in `new`, with their lengths.
+        unsafe {
+            libc::munmap(self.consumer.as_ptr(), self.page);
+            libc::munmap(self.producer.as_ptr(), self.page + 2 * self.size as usize);
+        }
+    }
+}
+
+/// A record's body as a `T` (a `#[repr(C)]` type the kernel programs write); `None` if it is
+/// shorter.
+pub fn record<T: aya::Pod>(body: &[u8]) -> Option<T> {
+    (body.len() >= size_of::<T>())
+        // SAFETY: `T` is plain data (aya::Pod) and `body` holds at least its size; read
+        // unaligned, as a ring record is only 8-byte aligned.
+        .then(|| unsafe { std::ptr::read_unaligned(body.as_ptr().cast::<T>()) })
+}

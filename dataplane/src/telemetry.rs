@@ -1,0 +1,687 @@
+//! Flow telemetry in the agent: reads the kernel's flow events, keeps the totals per label set,
+//! adds the open connections' live counts at scrape time, and keeps a bounded buffer of recent
+//! records for `meshlane observe`.
+//!
+//! Exactness rules (the load generator's and the applications' own counts are the truth):
+//! - a closed connection is counted once, from its close event, with the kernel's final
+//!   counts; an open one is counted from its flow entry (read at each scrape), never both: the
+//!   open entry is dropped when its close event is counted, and its last reading is kept until
+//!   then, so no series ever goes down;
+//! - closed totals survive a restart: after each batch of events the totals are written to a
+//!   checkpoint that names the ring position after the batch, and only then is the batch
+//!   released to the kernel; a new agent skips to that position (see [`crate::ring`]). Open
+//!   connections need nothing: their counts live in the pinned flow map.
+//!
+//! It must never write the kernel's flow map; it only reads it.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use dataplane_common::{
+    Flow, FlowEvent, SockKey, SockStats, flow_event, flow_flags, is_loopback, map_names,
+};
+use meshlane_api::{
+    flows::{FlowEnd, FlowKind, FlowQuery, FlowRecord, Flows, MAX_RECORDS, Reporter},
+    types::Pod,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Error, Result,
+    addr::{ip_key, key_ip},
+    ring::Ring,
+};
+
+/// Upper bounds of the RTT histogram, in seconds: OpenTelemetry's default HTTP duration
+/// buckets, which cover a same-rack 50 µs to a cross-region 10 s.
+pub const RTT_BUCKETS: [f64; 15] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 10.0,
+];
+/// Label sets kept; past this, new ones are counted under [`Labels::overflow`].
+pub const MAX_SERIES: usize = 10_000;
+/// Events read per batch (one checkpoint per batch).
+const BATCH: usize = 4096;
+/// An open connection whose flow left the kernel's map without a close event reaching us (the
+/// ring was full) is folded into the totals with its last counts after this long.
+const LOST_CLOSE_AFTER: Duration = Duration::from_secs(30);
+
+/// Who talked to whom, as the metrics label it (Istio's label names).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Labels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+}
+
+impl Labels {
+    /// Where counts go once [`MAX_SERIES`] label sets exist.
+    fn overflow(reporter: Reporter) -> Labels {
+        let o = || "_overflow".to_string();
+        Labels {
+            reporter,
+            source_workload: o(),
+            source_namespace: o(),
+            destination_workload: o(),
+            destination_namespace: o(),
+        }
+    }
+
+    pub fn pairs(&self) -> [(&'static str, &str); 5] {
+        [
+            ("reporter", self.reporter.as_str()),
+            ("source_workload", &self.source_workload),
+            ("source_namespace", &self.source_namespace),
+            ("destination_workload", &self.destination_workload),
+            ("destination_namespace", &self.destination_namespace),
+        ]
+    }
+}
+
+/// Byte counts of one socket, split by path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bytes {
+    pub sent_redirected: u64,
+    pub sent_stack: u64,
+    pub received_redirected: u64,
+    pub received_stack: u64,
+}
+
+impl Bytes {
+    /// Splits totals by path. Redirected bytes always come first in a stream (a socket that
+    /// sent through the stack never redirects again), so the redirected part of what was read
+    /// is at most what the peer redirected.
+    fn split(sent: u64, sent_redirected: u64, received: u64, peer_redirected: u64) -> Bytes {
+        let sr = sent_redirected.min(sent);
+        let rr = peer_redirected.min(received);
+        Bytes {
+            sent_redirected: sr,
+            sent_stack: sent - sr,
+            received_redirected: rr,
+            received_stack: received - rr,
+        }
+    }
+
+    fn add(&mut self, o: &Bytes) {
+        self.sent_redirected += o.sent_redirected;
+        self.sent_stack += o.sent_stack;
+        self.received_redirected += o.received_redirected;
+        self.received_stack += o.received_stack;
+    }
+
+    fn max(&self, o: &Bytes) -> Bytes {
+        Bytes {
+            sent_redirected: self.sent_redirected.max(o.sent_redirected),
+            sent_stack: self.sent_stack.max(o.sent_stack),
+            received_redirected: self.received_redirected.max(o.received_redirected),
+            received_stack: self.received_stack.max(o.received_stack),
+        }
+    }
+}
+
+/// Totals of closed connections for one label set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub opened: u64,
+    pub closed: u64,
+    pub bytes: Bytes,
+    pub retransmits: u64,
+    /// Per-bucket counts of closed connections' smoothed RTT (the last slot is +Inf), their
+    /// sum in seconds and how many had a sample.
+    pub rtt_buckets: Vec<u64>,
+    pub rtt_sum: f64,
+    pub rtt_count: u64,
+}
+
+impl Totals {
+    fn observe_rtt(&mut self, seconds: f64) {
+        if self.rtt_buckets.len() != RTT_BUCKETS.len() + 1 {
+            self.rtt_buckets = vec![0; RTT_BUCKETS.len() + 1];
+        }
+        let i = RTT_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(RTT_BUCKETS.len());
+        self.rtt_buckets[i] += 1;
+        self.rtt_sum += seconds;
+        self.rtt_count += 1;
+    }
+}
+
+/// One label set's series as a scrape shows them: closed totals plus open connections.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Series {
+    pub totals: Totals,
+    pub bytes: Bytes,
+}
+
+/// An observed connection not yet counted as closed.
+#[derive(Clone, Debug)]
+struct Open {
+    labels: Labels,
+    /// The highest counts read so far (so a series never goes down).
+    last: Bytes,
+    /// When the flow was first found missing from the kernel's map, if it is.
+    gone_since: Option<Instant>,
+}
+
+/// What survives an agent restart (the checkpoint file).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Checkpoint {
+    /// The ring buffer map's id: positions only mean something for the same ring.
+    ring_id: u32,
+    /// Every event before this ring position is in `totals`.
+    ring_pos: u64,
+    totals: Vec<(Labels, Totals)>,
+    series_dropped: u64,
+    flows_lost: u64,
+}
+
+/// Pod names by netns cookie and by IP, from the enrollments.
+#[derive(Debug, Default)]
+struct Names {
+    by_netns: HashMap<u64, String>,
+    by_ip: HashMap<[u32; 4], String>,
+}
+
+impl Names {
+    fn of(pods: &[Pod]) -> Names {
+        let mut n = Names::default();
+        for p in pods {
+            n.by_netns.insert(p.netns_cookie, p.label());
+            for ip in &p.ips {
+                n.by_ip.insert(ip_key(ip), p.label());
+            }
+        }
+        n
+    }
+
+    /// The pod at the far end of `key`: the same pod over loopback, else by IP.
+    fn remote(&self, key: &SockKey) -> Option<&String> {
+        if is_loopback(&key.remote_ip) {
+            self.by_netns.get(&key.netns)
+        } else {
+            self.by_ip.get(&key.remote_ip)
+        }
+    }
+}
+
+/// `(workload, namespace)` of a pod label: NAMESPACE/NAME, or `pod-<id>` for an unnamed pod;
+/// `unknown` for what is not a pod of this node.
+fn workload(pod: Option<&String>) -> (String, String) {
+    match pod.and_then(|p| p.split_once('/')) {
+        Some((ns, name)) => (name.to_string(), ns.to_string()),
+        None => (
+            pod.cloned().unwrap_or_else(|| "unknown".into()),
+            "unknown".into(),
+        ),
+    }
+}
+
+pub struct Telemetry {
+    ring: Ring,
+    /// The ring's map (its fd is what the agent waits on for new events).
+    ring_map: MapData,
+    ring_id: u32,
+    pub(crate) ring_bytes: u32,
+    flows: BpfHashMap<MapData, u64, Flow>,
+    checkpoint: PathBuf,
+    /// Wall clock minus CLOCK_MONOTONIC, in ns, to date kernel timestamps.
+    realtime_offset_ns: i128,
+    names: Names,
+    totals: BTreeMap<Labels, Totals>,
+    open: HashMap<u64, Open>,
+    records: VecDeque<FlowRecord>,
+    next_seq: u64,
+    pub(crate) events: u64,
+    series_dropped: u64,
+    flows_lost: u64,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("ring", &self.ring)
+            .field("open", &self.open.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The checkpoint file beside the state file.
+pub fn checkpoint_path(state_file: &Path) -> PathBuf {
+    let mut name = state_file.file_name().unwrap_or_default().to_os_string();
+    name.push(".telemetry");
+    state_file.with_file_name(name)
+}
+
+impl Telemetry {
+    /// Takes over the ring and the flow map, and the closed totals of an earlier agent from the
+    /// checkpoint (skipping the events it had counted).
+    pub fn new(
+        ring_map: MapData,
+        ring_bytes: u32,
+        flows: BpfHashMap<MapData, u64, Flow>,
+        checkpoint: PathBuf,
+    ) -> Result<Telemetry> {
+        let ring_id = ring_map
+            .info()
+            .map_err(|source| Error::Map {
+                name: map_names::EVENTS,
+                source,
+            })?
+            .id();
+        use std::os::fd::AsFd as _;
+        let mut ring = Ring::new(ring_map.fd().as_fd(), ring_bytes)
+            .map_err(|e| Error::io("mapping the flow event ring", map_names::EVENTS, e))?;
+        let saved: Checkpoint = match std::fs::read(&checkpoint) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                Error::Invalid(format!(
+                    "telemetry checkpoint {}: {e}; move it away to start the totals from 0",
+                    checkpoint.display()
+                ))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint::default(),
+            Err(e) => return Err(Error::io("reading", &checkpoint, e)),
+        };
+        let mut totals = BTreeMap::new();
+        let (mut series_dropped, mut flows_lost) = (0, 0);
+        if saved.ring_id == ring_id {
+            ring.skip_to(saved.ring_pos);
+            totals = saved.totals.into_iter().collect();
+            series_dropped = saved.series_dropped;
+            flows_lost = saved.flows_lost;
+        } else if saved.ring_id != 0 {
+            tracing::info!(
+                file = %checkpoint.display(),
+                "the telemetry checkpoint is for another ring buffer (the maps were re-created); totals start from 0"
+            );
+        }
+        Ok(Telemetry {
+            ring,
+            ring_map,
+            ring_id,
+            ring_bytes,
+            flows,
+            checkpoint,
+            realtime_offset_ns: crate::sys::clock_ns(libc::CLOCK_REALTIME)
+                - crate::sys::clock_ns(libc::CLOCK_MONOTONIC),
+            names: Names::default(),
+            totals,
+            open: HashMap::new(),
+            records: VecDeque::new(),
+            next_seq: 1,
+            events: 0,
+            series_dropped,
+            flows_lost,
+        })
+    }
+
+    /// The ring's fd: readable (epoll) when the kernel has added events.
+    pub fn ring_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.ring_map.fd().as_fd()
+    }
+
+    /// The enrolled pods changed.
+    pub fn set_pods(&mut self, pods: &[Pod]) {
+        self.names = Names::of(pods);
+    }
+
+    fn labels(&mut self, flow: &Flow) -> Labels {
+        let own = self.names.by_netns.get(&flow.key.netns);
+        let remote = self.names.remote(&flow.key);
+        let (reporter, src, dst) = if flow.flags & flow_flags::ACTIVE != 0 {
+            (Reporter::Source, own, remote)
+        } else {
+            (Reporter::Destination, remote, own)
+        };
+        let (source_workload, source_namespace) = workload(src);
+        let (destination_workload, destination_namespace) = workload(dst);
+        let l = Labels {
+            reporter,
+            source_workload,
+            source_namespace,
+            destination_workload,
+            destination_namespace,
+        };
+        if self.totals.contains_key(&l) || self.totals.len() < MAX_SERIES {
+            l
+        } else {
+            self.series_dropped += 1;
+            Labels::overflow(reporter)
+        }
+    }
+
+    /// Reads every pending event, counts it, makes the totals durable, then releases the
+    /// events to the kernel. Returns how many were read.
+    pub fn drain(&mut self) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let mut batch = Vec::new();
+            let end = self.ring.read(BATCH, |b| {
+                if let Some(ev) = crate::ring::record::<FlowEvent>(b) {
+                    batch.push(ev);
+                }
+            });
+            if end == self.ring.position() {
+                return Ok(total);
+            }
+            total += batch.len();
+            for ev in &batch {
+                self.count(ev);
+            }
+            // Counted now: release the batch even if the checkpoint cannot be written (reading
+            // it again would count it twice); a restart before the next good checkpoint then
+            // loses it, which the error says.
+            let saved = self.save(end);
+            self.ring.release(end);
+            saved.map_err(|e| {
+                Error::Internal(format!(
+                    "{e}; the last {} flow events are counted but not checkpointed",
+                    batch.len()
+                ))
+            })?;
+        }
+    }
+
+    fn save(&self, ring_pos: u64) -> Result<()> {
+        let c = Checkpoint {
+            ring_id: self.ring_id,
+            ring_pos,
+            totals: self
+                .totals
+                .iter()
+                .map(|(l, t)| (l.clone(), t.clone()))
+                .collect(),
+            series_dropped: self.series_dropped,
+            flows_lost: self.flows_lost,
+        };
+        let body = serde_json::to_vec(&c)
+            .map_err(|e| Error::Internal(format!("encoding the telemetry checkpoint: {e}")))?;
+        let tmp = self.checkpoint.with_extension("tmp");
+        std::fs::write(&tmp, body).map_err(|e| Error::io("writing", &tmp, e))?;
+        std::fs::rename(&tmp, &self.checkpoint)
+            .map_err(|e| Error::io("replacing", &self.checkpoint, e))
+    }
+
+    fn count(&mut self, ev: &FlowEvent) {
+        self.events += 1;
+        let flow = &ev.flow;
+        match ev.kind {
+            flow_event::OPEN => {
+                let labels = match self.open.get(&flow.cookie) {
+                    Some(o) => o.labels.clone(),
+                    None => {
+                        let labels = self.labels(flow);
+                        self.open.insert(
+                            flow.cookie,
+                            Open {
+                                labels: labels.clone(),
+                                last: Bytes::default(),
+                                gone_since: None,
+                            },
+                        );
+                        labels
+                    }
+                };
+                self.totals.entry(labels).or_default().opened += 1;
+            }
+            flow_event::CLOSE => {
+                let labels = match self.open.remove(&flow.cookie) {
+                    Some(o) => o.labels,
+                    None => self.labels(flow),
+                };
+                let t = self.totals.entry(labels).or_default();
+                t.closed += 1;
+                t.bytes.add(&Bytes::split(
+                    flow.sent,
+                    flow.sent_redirected,
+                    flow.received,
+                    flow.peer_redirected,
+                ));
+                t.retransmits += u64::from(flow.retransmits);
+                if flow.srtt_us > 0 {
+                    t.observe_rtt(f64::from(flow.srtt_us) / 1e6);
+                }
+            }
+            _ => return,
+        }
+        let record = self.record(ev);
+        if self.records.len() == MAX_RECORDS {
+            self.records.pop_front();
+        }
+        self.records.push_back(record);
+    }
+
+    fn record(&mut self, ev: &FlowEvent) -> FlowRecord {
+        let flow = &ev.flow;
+        let end = |ip: &[u32; 4], port: u32, pod: Option<&String>| FlowEnd {
+            ip: key_ip(*ip),
+            port: port as u16,
+            pod: pod.cloned(),
+        };
+        let own = end(
+            &flow.key.local_ip,
+            flow.key.local_port,
+            self.names.by_netns.get(&flow.key.netns),
+        );
+        let remote = end(
+            &flow.key.remote_ip,
+            flow.key.remote_port,
+            self.names.remote(&flow.key),
+        );
+        let active = flow.flags & flow_flags::ACTIVE != 0;
+        let (reporter, source, destination) = if active {
+            (Reporter::Source, own, remote)
+        } else {
+            (Reporter::Destination, remote, own)
+        };
+        let close = ev.kind == flow_event::CLOSE;
+        let b = Bytes::split(
+            flow.sent,
+            flow.sent_redirected,
+            flow.received,
+            flow.peer_redirected,
+        );
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let at = i128::from(ev.at_ns) + self.realtime_offset_ns;
+        FlowRecord {
+            seq,
+            time_ms: (at / 1_000_000).max(0) as u64,
+            kind: if close {
+                FlowKind::Close
+            } else {
+                FlowKind::Open
+            },
+            protocol: "tcp".into(),
+            reporter,
+            source,
+            destination,
+            original_destination: (flow.orig_dst.port != 0)
+                .then(|| SocketAddr::new(key_ip(flow.orig_dst.ip), flow.orig_dst.port as u16)),
+            accelerated: flow.flags & flow_flags::ACCELERATED != 0,
+            duration_ms: close.then(|| ev.at_ns.saturating_sub(flow.opened_ns) as f64 / 1e6),
+            sent_bytes: close.then_some(flow.sent),
+            sent_redirected_bytes: close.then_some(b.sent_redirected),
+            received_bytes: close.then_some(flow.received),
+            received_redirected_bytes: close.then_some(b.received_redirected),
+            srtt_us: (close && flow.srtt_us > 0).then_some(flow.srtt_us),
+            retransmits: close.then_some(flow.retransmits),
+        }
+    }
+
+    /// The series as a scrape shows them: closed totals plus the open connections' counts read
+    /// from the kernel now (`stats`: the fast path's per-socket counters, for the path split).
+    pub fn series(
+        &mut self,
+        stats: &BpfHashMap<MapData, SockKey, SockStats>,
+    ) -> Result<BTreeMap<Labels, Series>> {
+        let mut seen = std::collections::HashSet::new();
+        let flows: Vec<(u64, Flow)> =
+            self.flows
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(|source| Error::Map {
+                    name: map_names::FLOWS,
+                    source,
+                })?;
+        for (_, flow) in flows {
+            if flow.flags & flow_flags::OBSERVED == 0 {
+                continue;
+            }
+            seen.insert(flow.cookie);
+            let own = stats.get(&flow.key, 0).ok();
+            let peer = own.and_then(|s| stats.get(&flow.key.peer(s.peer_netns), 0).ok());
+            let now = Bytes::split(
+                flow.sent,
+                own.map_or(0, |s| s.redirected_bytes),
+                flow.received,
+                peer.map_or(0, |s| s.redirected_bytes),
+            );
+            if !self.open.contains_key(&flow.cookie) {
+                let labels = self.labels(&flow);
+                self.open.insert(
+                    flow.cookie,
+                    Open {
+                        labels,
+                        last: Bytes::default(),
+                        gone_since: None,
+                    },
+                );
+            }
+            if let Some(o) = self.open.get_mut(&flow.cookie) {
+                o.last = o.last.max(&now);
+                o.gone_since = None;
+            }
+        }
+        // Flows gone from the kernel's map: their close event is on its way (keep their last
+        // counts until it is counted), or was lost with a full ring.
+        let now = Instant::now();
+        let mut lost = Vec::new();
+        for (cookie, o) in &mut self.open {
+            if seen.contains(cookie) {
+                continue;
+            }
+            let since = *o.gone_since.get_or_insert(now);
+            if now.duration_since(since) > LOST_CLOSE_AFTER {
+                lost.push(*cookie);
+            }
+        }
+        for cookie in lost {
+            if let Some(o) = self.open.remove(&cookie) {
+                let t = self.totals.entry(o.labels).or_default();
+                t.closed += 1;
+                t.bytes.add(&o.last);
+                self.flows_lost += 1;
+            }
+        }
+        let mut out: BTreeMap<Labels, Series> = self
+            .totals
+            .iter()
+            .map(|(l, t)| {
+                (
+                    l.clone(),
+                    Series {
+                        totals: t.clone(),
+                        bytes: t.bytes,
+                    },
+                )
+            })
+            .collect();
+        for o in self.open.values() {
+            out.entry(o.labels.clone()).or_default().bytes.add(&o.last);
+        }
+        Ok(out)
+    }
+
+    /// Label sets not kept because [`MAX_SERIES`] was reached, and connections whose close
+    /// event never arrived.
+    pub fn losses(&self) -> (u64, u64) {
+        (self.series_dropped, self.flows_lost)
+    }
+
+    pub fn open_flows(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The records a query selects.
+    pub fn query(&self, q: &FlowQuery) -> Flows {
+        let since = q.since.unwrap_or(0);
+        let first = self.records.front().map_or(self.next_seq, |r| r.seq);
+        let missed = first.saturating_sub(since + 1);
+        let mut records: Vec<FlowRecord> = self
+            .records
+            .iter()
+            .filter(|r| r.seq > since && q.matches(r))
+            .cloned()
+            .collect();
+        let last = q.last.unwrap_or(100);
+        if records.len() > last {
+            records.drain(..records.len() - last);
+        }
+        Flows {
+            records,
+            next: self.next_seq - 1,
+            missed: if q.since.is_some() { missed } else { 0 },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_split_puts_redirected_bytes_first() {
+        // A stack socket: nothing redirected.
+        assert_eq!(
+            Bytes::split(100, 0, 50, 0),
+            Bytes {
+                sent_stack: 100,
+                received_stack: 50,
+                ..Bytes::default()
+            }
+        );
+        // sk_msg counts a message before the tracepoint adds it: never more than was sent.
+        assert_eq!(Bytes::split(100, 150, 80, 200).sent_redirected, 100);
+        assert_eq!(Bytes::split(100, 150, 80, 200).sent_stack, 0);
+        assert_eq!(Bytes::split(100, 150, 80, 200).received_redirected, 80);
+        // Moved off the fast path half way: the first 60 redirected, the rest stack.
+        let b = Bytes::split(100, 60, 100, 60);
+        assert_eq!((b.sent_redirected, b.sent_stack), (60, 40));
+        assert_eq!((b.received_redirected, b.received_stack), (60, 40));
+    }
+
+    #[test]
+    fn rtt_buckets_cover_everything() {
+        let mut t = Totals::default();
+        t.observe_rtt(0.00005);
+        t.observe_rtt(0.02);
+        t.observe_rtt(60.0);
+        assert_eq!(t.rtt_buckets.len(), RTT_BUCKETS.len() + 1);
+        assert_eq!(t.rtt_buckets[0], 1);
+        assert_eq!(t.rtt_buckets[5], 1, "0.02 s is in the 0.025 bucket");
+        assert_eq!(t.rtt_buckets[RTT_BUCKETS.len()], 1, "+Inf");
+        assert_eq!(t.rtt_count, 3);
+    }
+
+    #[test]
+    fn workloads_from_pod_labels() {
+        assert_eq!(
+            workload(Some(&"shop/web-1".to_string())),
+            ("web-1".into(), "shop".into())
+        );
+        assert_eq!(
+            workload(Some(&"pod-3".to_string())),
+            ("pod-3".into(), "unknown".into())
+        );
+        assert_eq!(workload(None), ("unknown".into(), "unknown".into()));
+    }
+}
