@@ -136,16 +136,15 @@ pub const FLOWS_CAPACITY: u32 = 131_072;
 /// events, several seconds of a busy node's connection churn if the agent stalls.
 pub const EVENTS_RING_BYTES: u32 = 2 << 20;
 pub const SPLICED_CAPACITY: u32 = 4_096;
-/// Offset of the socket's address (`skaddr`, `sk`) in the `tcp:tcp_rcv_space_adjust` and
-/// `sock:sock_recv_length` records; `protocol` and `flags` in the latter (Linux 6.x; the agent
-/// checks them against the tracepoints' formats before attaching the guard).
+/// Offset of the socket's address (`skaddr`, `sk`) in the `tcp:tcp_rcv_space_adjust` record
+/// (read by the guard; the agent checks it against the tracepoint's format before attaching)
+/// and in the `sock_*_length` and `tcp_destroy_sock` records.
 pub const TP_SK_OFFSET: usize = 8;
-pub const RECV_LENGTH_PROTOCOL_OFFSET: usize = 18;
-pub const RECV_LENGTH_FLAGS_OFFSET: usize = 24;
-/// `ret` (bytes sent or received) in the `sock:sock_send_length` and `sock:sock_recv_length`
-/// records, which share one layout (`sk` at [`TP_SK_OFFSET`], `flags` at
-/// [`RECV_LENGTH_FLAGS_OFFSET`]).
+/// `ret` and `flags` in the `sock:sock_send_length` / `sock:sock_recv_length` records. The
+/// programs on them are raw tracepoints that read the TP_PROTO arguments instead; the agent
+/// checks these fields to know the arguments are `(sk, ret, flags)` on this kernel.
 pub const LENGTH_RET_OFFSET: usize = 20;
+pub const LENGTH_FLAGS_OFFSET: usize = 24;
 /// `req` in the `io_uring:io_uring_submit_req` and `io_uring_complete` records, and `opcode` in
 /// the former.
 pub const URING_REQ_OFFSET: usize = 16;

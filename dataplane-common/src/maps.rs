@@ -291,8 +291,14 @@ mod tests {
             (SOCK_STATS.kind, SOCK_STATS.key_size, SOCK_STATS.value_size),
             (H, 48, 48)
         );
-        assert_eq!((FLOWS.kind, FLOWS.key_size, FLOWS.value_size), (Lru, 8, 128));
-        assert_eq!((EVENTS.kind, EVENTS.key_size, EVENTS.value_size), (Rb, 0, 0));
+        assert_eq!(
+            (FLOWS.kind, FLOWS.key_size, FLOWS.value_size),
+            (Lru, 8, 128)
+        );
+        assert_eq!(
+            (EVENTS.kind, EVENTS.key_size, EVENTS.value_size),
+            (Rb, 0, 0)
+        );
         assert_eq!((SIDECARS.key_size, SIDECARS.value_size), (8, 304));
         assert_eq!(
             (REVNAT.kind, REVNAT.key_size, REVNAT.value_size),
@@ -304,10 +310,7 @@ mod tests {
             }
             // A ring buffer has neither key nor value; its capacity is in bytes.
             let sized = matches!(s.kind, Rb) || (s.key_size > 0 && s.value_size > 0);
-            assert!(
-                sized && s.max_entries > 0,
-                "{s:?}"
-            );
+            assert!(sized && s.max_entries > 0, "{s:?}");
         }
         assert_eq!(COUNTERS.max_entries, COUNTER_SLOTS);
     }

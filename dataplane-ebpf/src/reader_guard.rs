@@ -43,17 +43,16 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::generated::{bpf_get_current_pid_tgid, bpf_get_netns_cookie},
-    macros::{cgroup_sockopt, tracepoint},
-    programs::{SockoptContext, TracePointContext},
+    macros::{cgroup_sockopt, raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, SockoptContext, TracePointContext},
 };
 use dataplane_common::{
-    Counter, LENGTH_RET_OFFSET, RECV_LENGTH_FLAGS_OFFSET, RECV_LENGTH_PROTOCOL_OFFSET, ReaderPod,
-    SockKey, URING_OPCODE_OFFSET, URING_REQ_OFFSET,
+    Counter, ReaderPod, SockKey, TP_SK_OFFSET, URING_OPCODE_OFFSET, URING_REQ_OFFSET, flow_flags,
 };
 
 use crate::{
     maps::{ML_NETNS, ML_SPLICED, ML_SPLICING, ML_URING_REQS, ML_URING_TGIDS, count, guard_pod},
-    telemetry::{add_bytes, flow_of},
+    telemetry::{add_bytes, flow_at},
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -111,8 +110,10 @@ pub fn ml_sendfile_out(_ctx: TracePointContext) -> u32 {
 /// The key of the enrolled socket at `sk` (a `struct sock *` from a tracepoint record).
 #[inline(always)]
 fn socket_of(ctx: &TracePointContext) -> Option<SockKey> {
+    // SAFETY: the record's socket address field (its offset is checked by the agent).
+    let sk = unsafe { ctx.read_at::<u64>(TP_SK_OFFSET) }.ok()?;
     // SAFETY: the flow is our map's value; the key is copied out at once.
-    flow_of(ctx).map(|f| unsafe { (*f).key })
+    flow_at(sk).map(|f| unsafe { (*f).key })
 }
 
 #[tracepoint(category = "io_uring", name = "io_uring_submit_req")]
@@ -208,26 +209,23 @@ pub fn ml_rcvspace(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "sock", name = "sock_recv_length")]
-pub fn ml_recv_length(ctx: TracePointContext) -> u32 {
-    // Every recvmsg on the machine comes through here: two fields of the record first, and a
-    // flow lookup only for TCP reads that got bytes or asked for MSG_WAITALL.
-    // SAFETY: fields of the record (offsets checked by the agent).
-    let flags = unsafe { ctx.read_at::<i32>(RECV_LENGTH_FLAGS_OFFSET) }.unwrap_or(0);
-    let ret = unsafe { ctx.read_at::<i32>(LENGTH_RET_OFFSET) }.unwrap_or(0);
+/// `sock_recv_length` fires after every recvmsg on the machine: a raw tracepoint (see
+/// telemetry.rs), `TP_PROTO(struct sock *sk, int ret, int flags)`. It counts the bytes read
+/// (telemetry) and catches `MSG_WAITALL` (the guard); one flow lookup serves both.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn ml_recv_length(ctx: RawTracePointContext) -> i32 {
+    let ret = ctx.arg::<u64>(1) as i32;
+    let flags = ctx.arg::<u64>(2) as i32;
     let counts = ret > 0 && flags & MSG_PEEK == 0;
     if !counts && flags & MSG_WAITALL == 0 {
         return 0;
     }
-    let protocol = unsafe { ctx.read_at::<u16>(RECV_LENGTH_PROTOCOL_OFFSET) }.unwrap_or(0);
-    if protocol != IPPROTO_TCP {
-        return 0;
-    }
-    let Some(flow) = flow_of(&ctx) else {
+    // Only TCP sockets of enrolled pods have a flow.
+    let Some(flow) = flow_at(ctx.arg::<u64>(0)) else {
         return 0;
     };
-    if counts {
-        // SAFETY: our map's value; the add is atomic (two threads may read one socket).
+    // SAFETY: our map's value; the add is atomic (two threads may read one socket).
+    if counts && unsafe { (*flow).flags } & flow_flags::OBSERVED != 0 {
         add_bytes(unsafe { &raw mut (*flow).received }, ret as u64);
     }
     if flags & MSG_WAITALL != 0 {

@@ -327,6 +327,7 @@ fn load_named(ebpf: &mut Ebpf, name: &'static str) -> Result<u32> {
         Program::CgroupSockopt(p) => p.load(),
         Program::SkMsg(p) => p.load(),
         Program::TracePoint(p) => p.load(),
+        Program::RawTracePoint(p) => p.load(),
         other => {
             return Err(Error::Internal(format!(
                 "program {name} has unexpected type {:?}",
@@ -452,16 +453,19 @@ const GUARD_TRACEPOINTS: [(&str, &str, &str); 7] = [
     (program_names::RCV_SPACE, "tcp", "tcp_rcv_space_adjust"),
 ];
 
-/// Telemetry's tracepoints (the recv one also serves the reader guard): pinned, so bytes are
-/// counted and flows end while no agent runs.
+/// Telemetry's raw tracepoints (the recv one also serves the reader guard): pinned, so bytes are
+/// counted and flows end while no agent runs. The programs read the tracepoints' TP_PROTO
+/// arguments, `(sk, ret, flags)` and `(sk)`.
 const TELEMETRY_TRACEPOINTS: [(&str, &str, &str); 3] = [
     (program_names::DESTROY_SOCK, "tcp", "tcp_destroy_sock"),
     (program_names::SEND_LENGTH, "sock", "sock_send_length"),
     (program_names::RECV_LENGTH, "sock", "sock_recv_length"),
 ];
 
-/// The record fields telemetry reads at fixed offsets (as [`GUARD_FIELDS`]).
-const TELEMETRY_FIELDS: [(&str, &str, usize, usize); 5] = [
+/// The fields of telemetry's events as this kernel records them: each is filled straight from
+/// the TP_PROTO argument of the same name, so finding them (in this order) is the check that
+/// the arguments are the ones the raw tracepoint programs read.
+const TELEMETRY_FIELDS: [(&str, &str, usize, usize); 6] = [
     (
         "tcp/tcp_destroy_sock",
         "const void * skaddr",
@@ -482,6 +486,12 @@ const TELEMETRY_FIELDS: [(&str, &str, usize, usize); 5] = [
     ),
     (
         "sock/sock_recv_length",
+        "void * sk",
+        dataplane_common::TP_SK_OFFSET,
+        8,
+    ),
+    (
+        "sock/sock_recv_length",
         "int ret",
         dataplane_common::LENGTH_RET_OFFSET,
         4,
@@ -489,14 +499,14 @@ const TELEMETRY_FIELDS: [(&str, &str, usize, usize); 5] = [
     (
         "sock/sock_recv_length",
         "int flags",
-        dataplane_common::RECV_LENGTH_FLAGS_OFFSET,
+        dataplane_common::LENGTH_FLAGS_OFFSET,
         4,
     ),
 ];
 
 /// The record fields the detectors read at fixed offsets: (event, field as the format file
 /// declares it, offset, size).
-const GUARD_FIELDS: [(&str, &str, usize, usize); 7] = [
+const GUARD_FIELDS: [(&str, &str, usize, usize); 4] = [
     (
         "io_uring/io_uring_submit_req",
         "void * req",
@@ -520,24 +530,6 @@ const GUARD_FIELDS: [(&str, &str, usize, usize); 7] = [
         "const void * skaddr",
         dataplane_common::TP_SK_OFFSET,
         8,
-    ),
-    (
-        "sock/sock_recv_length",
-        "void * sk",
-        dataplane_common::TP_SK_OFFSET,
-        8,
-    ),
-    (
-        "sock/sock_recv_length",
-        "__u16 protocol",
-        dataplane_common::RECV_LENGTH_PROTOCOL_OFFSET,
-        2,
-    ),
-    (
-        "sock/sock_recv_length",
-        "int flags",
-        dataplane_common::RECV_LENGTH_FLAGS_OFFSET,
-        4,
     ),
 ];
 
@@ -597,18 +589,18 @@ fn check_fields<'a>(
     Ok(())
 }
 
-/// Attaches telemetry's tracepoints through pinned perf-event links. A link an earlier agent
-/// pinned is kept when it runs the same program (the same tag: a restart of the same build), so
-/// no byte goes uncounted or counted twice across a restart; a different program (an upgrade)
-/// is attached beside it first, then the old link is removed, so during that moment a byte may
-/// count twice (perf-event links cannot swap programs in place).
+/// Attaches telemetry's raw tracepoints through pinned links. A link an earlier agent pinned is
+/// kept when it runs the same program (the same tag: a restart of the same build), so no byte
+/// goes uncounted or counted twice across a restart; a different program (an upgrade) is
+/// attached beside it first, then the old link is removed, so during that moment a byte may
+/// count twice (raw tracepoint links cannot swap programs in place).
 fn attach_telemetry(ebpf: &mut Ebpf, pins: &PinPaths) -> Result<Vec<AttachedProgram>> {
     let tracefs = crate::sys::ensure_tracefs()?;
     check_fields(&tracefs, TELEMETRY_FIELDS.iter())?;
     let mut out = Vec::new();
     for (name, category, event) in TELEMETRY_TRACEPOINTS {
         let id = load_named(ebpf, name)?;
-        let prog: &mut aya::programs::TracePoint = program(ebpf, name)?
+        let prog: &mut aya::programs::RawTracePoint = program(ebpf, name)?
             .try_into()
             .map_err(|source| Error::Program { name, source })?;
         let tag = prog
@@ -636,7 +628,7 @@ fn attach_telemetry(ebpf: &mut Ebpf, pins: &PinPaths) -> Result<Vec<AttachedProg
             Some((Some(t), prog_id)) if t == tag => (prog_id, "kept from the previous agent"),
             _ => {
                 let link_id = prog
-                    .attach(category, event)
+                    .attach(event)
                     .map_err(|source| Error::Program { name, source })?;
                 let link: FdLink = prog
                     .take_link(link_id)
@@ -669,7 +661,7 @@ fn attach_telemetry(ebpf: &mut Ebpf, pins: &PinPaths) -> Result<Vec<AttachedProg
         out.push(AttachedProgram {
             name: name.into(),
             id: attached_id,
-            attach: format!("tracepoint {category}/{event} (pinned link)"),
+            attach: format!("raw tracepoint {category}/{event} (pinned link)"),
             pinned_link: Some(path),
         });
     }

@@ -139,6 +139,8 @@ const DNAT: &str = "Service DNAT: new connections/s";
 const LOOPBACK: &str = "loopback";
 const VETH: &str = "veth";
 const ACCEL: &str = "accelerated";
+/// Accelerated pods enrolled with telemetry off: what flow telemetry costs is ACCEL ÷ this.
+const ACCEL_NOTEL: &str = "accelerated, no telemetry";
 /// Client → nginx with neither sidecars nor meshlane: what the proxies add is measured against it.
 const DIRECT: &str = "direct, no proxy";
 const IPT_SIDECAR: &str = "iptables sidecar";
@@ -385,9 +387,9 @@ impl Bench<'_> {
     fn pod_group(&mut self) -> Result<()> {
         let quick = self.args.quick;
         let variants: &[&str] = if quick {
-            &[VETH, ACCEL]
+            &[VETH, ACCEL, ACCEL_NOTEL]
         } else {
-            &[LOOPBACK, VETH, ACCEL]
+            &[LOOPBACK, VETH, ACCEL, ACCEL_NOTEL]
         };
         let placements = self.placements.clone();
         let r = &mut self.report;
@@ -454,6 +456,9 @@ impl Bench<'_> {
                 if v == ACCEL {
                     self.lab.enroll(&self.a)?;
                     self.lab.enroll(&self.b)?;
+                } else if v == ACCEL_NOTEL {
+                    self.lab.enroll_unobserved(&self.a)?;
+                    self.lab.enroll_unobserved(&self.b)?;
                 }
                 let (server, ip): (&Pod, IpAddr) = if v == LOOPBACK {
                     (&self.a, "127.0.0.1".parse()?)
@@ -494,7 +499,7 @@ impl Bench<'_> {
                     }
                 }
                 let redirected = self.counter("msg_redirected")? - redirected;
-                if v == ACCEL {
+                if v == ACCEL || v == ACCEL_NOTEL {
                     self.lab.unenroll(&self.a)?;
                     self.lab.unenroll(&self.b)?;
                     if redirected == 0 {
@@ -988,6 +993,25 @@ fn targets(r: &Report, args: &Args) -> Vec<Check> {
             }
         }
     }
+    // What flow telemetry costs the fast path (issue 15's budget), same run.
+    for Placement { suffix, label, .. } in ALL_PLACEMENTS {
+        t.push(Check::new(
+            &format!("p50 latency, telemetry on ÷ off (64 B ping-pong accelerated, {label})"),
+            &format!("pod.pp64.p50{suffix}"),
+            ACCEL,
+            ACCEL_NOTEL,
+            Op::AtMost,
+            1.03,
+        ));
+    }
+    t.push(Check::new(
+        "iperf3 throughput, telemetry on ÷ off (128 KiB writes accelerated, two CPUs)",
+        &format!("pod.iperf{}", 128 << 10),
+        ACCEL,
+        ACCEL_NOTEL,
+        Op::AtLeast,
+        0.97,
+    ));
     for p in ALL_PLACEMENTS.iter().filter(|p| p.streams) {
         for (len, threshold) in [(128 << 10, 0.95), (1 << 20, 0.90)] {
             t.push(Check::new(

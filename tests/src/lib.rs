@@ -569,6 +569,19 @@ impl Lab {
         })
     }
 
+    /// Enrolls a pod in the fast path without flow telemetry.
+    pub fn enroll_unobserved(&self, pod: &Pod) -> Result<Value> {
+        self.call(&Request::PodAdd {
+            netns: pod.netns_path.clone(),
+            ips: vec![pod.ip.into(), pod.ip6.into()],
+            name: Some(format!("lab/{}", pod.name)),
+            sidecar: None,
+            accel: None,
+            telemetry: Some(false),
+            cni: None,
+        })
+    }
+
     pub fn unenroll(&self, pod: &Pod) -> Result<Value> {
         self.call(&Request::PodDel {
             netns: Some(pod.netns_path.clone()),
