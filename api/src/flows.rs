@@ -43,6 +43,24 @@ impl Reporter {
     }
 }
 
+/// Which hop of a sidecar mesh a connection is (from where the kernel captured it), so the
+/// hops of one request can be told apart and stitched together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Leg {
+    /// The application's connect, captured to its own pod's outbound listener (loopback).
+    AppToProxy,
+    /// A connect captured to a sidecar pod's inbound listener (from another pod's proxy or an
+    /// application without a sidecar).
+    Inbound,
+    /// An uncaptured connection inside a sidecar pod: the proxy delivering to its application
+    /// (over loopback or the pod's own address).
+    ProxyToApp,
+    /// An uncaptured connection out of a sidecar pod to another pod or off the node: the
+    /// proxy's upstream (or a port or CIDR the pod excludes from capture).
+    ProxyToUpstream,
+}
+
 /// One end of a connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEnd {
@@ -75,6 +93,9 @@ pub struct FlowRecord {
     pub original_destination: Option<SocketAddr>,
     /// The reporter's socket joined the fast path (its messages may be redirected).
     pub accelerated: bool,
+    /// For connections of sidecar pods: which hop this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leg: Option<Leg>,
     /// Close only: the connection's life, open to close, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<f64>,
@@ -208,6 +229,7 @@ mod tests {
             destination: end(dst),
             original_destination: None,
             accelerated: false,
+            leg: None,
             duration_ms: None,
             sent_bytes: None,
             sent_redirected_bytes: None,

@@ -633,10 +633,7 @@ fn attach_telemetry(ebpf: &mut Ebpf, pins: &PinPaths) -> Result<Vec<AttachedProg
                 let link: FdLink = prog
                     .take_link(link_id)
                     .map_err(|source| Error::Program { name, source })?
-                    .try_into()
-                    .map_err(|e| {
-                        Error::io("making a perf-event link", &path, std::io::Error::other(e))
-                    })?;
+                    .into();
                 // bpffs refuses names with a dot (kernel/bpf/inode.c).
                 let fresh = pins.link(&format!("{name}_new"));
                 let _stale_is_fine = std::fs::remove_file(&fresh);

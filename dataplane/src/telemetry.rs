@@ -26,7 +26,7 @@ use dataplane_common::{
     Flow, FlowEvent, SockKey, SockStats, flow_event, flow_flags, is_loopback, map_names,
 };
 use meshlane_api::{
-    flows::{FlowEnd, FlowKind, FlowQuery, FlowRecord, Flows, MAX_RECORDS, Reporter},
+    flows::{FlowEnd, FlowKind, FlowQuery, FlowRecord, Flows, Leg, MAX_RECORDS, Reporter},
     types::Pod,
 };
 use serde::{Deserialize, Serialize};
@@ -183,33 +183,86 @@ struct Checkpoint {
     flows_lost: u64,
 }
 
-/// Pod names by netns cookie and by IP, from the enrollments.
+/// What telemetry needs to know of an enrolled pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodInfo {
+    label: String,
+    /// Its sidecar's (outbound, inbound) listener ports.
+    sidecar: Option<(u16, u16)>,
+}
+
+/// Enrolled pods by netns cookie and by IP.
 #[derive(Debug, Default)]
 struct Names {
-    by_netns: HashMap<u64, String>,
-    by_ip: HashMap<[u32; 4], String>,
+    by_netns: HashMap<u64, PodInfo>,
+    by_ip: HashMap<[u32; 4], PodInfo>,
 }
 
 impl Names {
     fn of(pods: &[Pod]) -> Names {
         let mut n = Names::default();
         for p in pods {
-            n.by_netns.insert(p.netns_cookie, p.label());
+            let info = PodInfo {
+                label: p.label(),
+                sidecar: p
+                    .sidecar
+                    .as_ref()
+                    .map(|s| (s.outbound_port, s.inbound_port)),
+            };
+            n.by_netns.insert(p.netns_cookie, info.clone());
             for ip in &p.ips {
-                n.by_ip.insert(ip_key(ip), p.label());
+                n.by_ip.insert(ip_key(ip), info.clone());
             }
         }
         n
     }
 
+    fn own(&self, key: &SockKey) -> Option<&PodInfo> {
+        self.by_netns.get(&key.netns)
+    }
+
     /// The pod at the far end of `key`: the same pod over loopback, else by IP.
-    fn remote(&self, key: &SockKey) -> Option<&String> {
+    fn remote(&self, key: &SockKey) -> Option<&PodInfo> {
         if is_loopback(&key.remote_ip) {
             self.by_netns.get(&key.netns)
         } else {
             self.by_ip.get(&key.remote_ip)
         }
     }
+}
+
+/// The sidecar hop a connection is, from one of its sockets: `active` (it connected),
+/// `captured` (it has an original destination), its local and remote ports, and the pods of
+/// both ends.
+fn leg(
+    active: bool,
+    captured: bool,
+    (local_port, remote_port): (u16, u16),
+    own: Option<&PodInfo>,
+    remote: Option<&PodInfo>,
+) -> Option<Leg> {
+    let (client, server, server_port) = if active {
+        (own, remote, remote_port)
+    } else {
+        (remote, own, local_port)
+    };
+    let same_pod = matches!((client, server), (Some(c), Some(s)) if c == s);
+    if captured {
+        let (outbound, inbound) = server?.sidecar?;
+        if server_port == outbound && same_pod {
+            return Some(Leg::AppToProxy);
+        }
+        if server_port == inbound {
+            return Some(Leg::Inbound);
+        }
+        return None;
+    }
+    client?.sidecar?;
+    Some(if same_pod {
+        Leg::ProxyToApp
+    } else {
+        Leg::ProxyToUpstream
+    })
 }
 
 /// `(workload, namespace)` of a pod label: NAMESPACE/NAME, or `pod-<id>` for an unnamed pod;
@@ -334,8 +387,8 @@ impl Telemetry {
     }
 
     fn labels(&mut self, flow: &Flow) -> Labels {
-        let own = self.names.by_netns.get(&flow.key.netns);
-        let remote = self.names.remote(&flow.key);
+        let own = self.names.own(&flow.key).map(|p| &p.label);
+        let remote = self.names.remote(&flow.key).map(|p| &p.label);
         let (reporter, src, dst) = if flow.flags & flow_flags::ACTIVE != 0 {
             (Reporter::Source, own, remote)
         } else {
@@ -466,17 +519,25 @@ impl Telemetry {
             port: port as u16,
             pod: pod.cloned(),
         };
+        let (own_pod, remote_pod) = (self.names.own(&flow.key), self.names.remote(&flow.key));
         let own = end(
             &flow.key.local_ip,
             flow.key.local_port,
-            self.names.by_netns.get(&flow.key.netns),
+            own_pod.map(|p| &p.label),
         );
         let remote = end(
             &flow.key.remote_ip,
             flow.key.remote_port,
-            self.names.remote(&flow.key),
+            remote_pod.map(|p| &p.label),
         );
         let active = flow.flags & flow_flags::ACTIVE != 0;
+        let leg = leg(
+            active,
+            flow.orig_dst.port != 0,
+            (flow.key.local_port as u16, flow.key.remote_port as u16),
+            own_pod,
+            remote_pod,
+        );
         let (reporter, source, destination) = if active {
             (Reporter::Source, own, remote)
         } else {
@@ -507,6 +568,7 @@ impl Telemetry {
             original_destination: (flow.orig_dst.port != 0)
                 .then(|| SocketAddr::new(key_ip(flow.orig_dst.ip), flow.orig_dst.port as u16)),
             accelerated: flow.flags & flow_flags::ACCELERATED != 0,
+            leg,
             duration_ms: close.then(|| ev.at_ns.saturating_sub(flow.opened_ns) as f64 / 1e6),
             sent_bytes: close.then_some(flow.sent),
             sent_redirected_bytes: close.then_some(b.sent_redirected),
@@ -670,6 +732,59 @@ mod tests {
         assert_eq!(t.rtt_buckets[5], 1, "0.02 s is in the 0.025 bucket");
         assert_eq!(t.rtt_buckets[RTT_BUCKETS.len()], 1, "+Inf");
         assert_eq!(t.rtt_count, 3);
+    }
+
+    #[test]
+    fn legs_of_a_sidecar_mesh() {
+        let pod = |name: &str, sidecar: bool| PodInfo {
+            label: name.into(),
+            sidecar: sidecar.then_some((15001, 15006)),
+        };
+        let (a, b, plain) = (pod("ns/a", true), pod("ns/b", true), pod("ns/c", false));
+        // a's app → a's proxy over loopback, captured; both sockets say so.
+        assert_eq!(
+            leg(true, true, (40000, 15001), Some(&a), Some(&a)),
+            Some(Leg::AppToProxy)
+        );
+        assert_eq!(
+            leg(false, true, (15001, 40000), Some(&a), Some(&a)),
+            Some(Leg::AppToProxy)
+        );
+        // a's proxy (or a pod without a sidecar) → b, captured to b's inbound listener.
+        for client in [&a, &plain] {
+            assert_eq!(
+                leg(true, true, (40001, 15006), Some(client), Some(&b)),
+                Some(Leg::Inbound)
+            );
+            assert_eq!(
+                leg(false, true, (15006, 40001), Some(&b), Some(client)),
+                Some(Leg::Inbound)
+            );
+        }
+        // b's proxy → b's app (its own address), not captured.
+        assert_eq!(
+            leg(true, false, (40002, 8080), Some(&b), Some(&b)),
+            Some(Leg::ProxyToApp)
+        );
+        assert_eq!(
+            leg(false, false, (8080, 40002), Some(&b), Some(&b)),
+            Some(Leg::ProxyToApp)
+        );
+        // a's proxy → a pod without a sidecar, or off the node: its upstream.
+        assert_eq!(
+            leg(true, false, (40003, 80), Some(&a), Some(&plain)),
+            Some(Leg::ProxyToUpstream)
+        );
+        assert_eq!(
+            leg(true, false, (40003, 80), Some(&a), None),
+            Some(Leg::ProxyToUpstream)
+        );
+        // Pods without sidecars have no legs.
+        assert_eq!(
+            leg(true, false, (40004, 80), Some(&plain), Some(&plain)),
+            None
+        );
+        assert_eq!(leg(false, false, (80, 40004), Some(&plain), None), None);
     }
 
     #[test]

@@ -275,5 +275,58 @@ fn haproxy_sidecars_work_the_same_with_iptables_redirect_and_with_meshlane() -> 
         started.elapsed()
     );
     assert_eq!(delta("bytes_passed"), 0, "{after:?}");
+
+    // Telemetry tells the three hops of the 4 MiB exchange apart, each carrying it whole: the
+    // app's connect captured to its proxy, a's proxy captured into b's inbound listener, b's
+    // proxy delivering to b's app.
+    let want = [
+        ("app_to_proxy", "lab/a", "lab/a"),
+        ("inbound", "lab/a", "lab/b"),
+        ("proxy_to_app", "lab/b", "lab/b"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let hops = loop {
+        let out = lab.cli(&["observe", "--json", "--last", "1000"])?;
+        let recs: Vec<Value> = String::from_utf8(out.stdout)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        let hop = |leg: &str, src: &str, dst: &str| {
+            recs.iter().find(|r| {
+                r["kind"] == "close"
+                    && r["reporter"] == "source"
+                    && r["leg"] == leg
+                    && r["source"]["pod"] == src
+                    && r["destination"]["pod"] == dst
+                    && r["sent_bytes"] == 4 * MIB
+            })
+        };
+        let found: Vec<Option<&Value>> = want.iter().map(|(l, s, d)| hop(l, s, d)).collect();
+        if found.iter().all(Option::is_some) {
+            break found.into_iter().flatten().cloned().collect::<Vec<Value>>();
+        }
+        if Instant::now() > deadline {
+            bail!("not every hop of the exchange is in the flow records: {recs:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let orig = format!("{}:7000", b.ip);
+    assert_eq!(
+        hops[0]["original_destination"],
+        orig.as_str(),
+        "{:#}",
+        hops[0]
+    );
+    assert_eq!(
+        hops[1]["original_destination"],
+        orig.as_str(),
+        "{:#}",
+        hops[1]
+    );
+    assert_eq!(hops[1]["destination"]["port"], 15006, "{:#}", hops[1]);
+    assert_eq!(hops[2]["destination"]["port"], 7000, "{:#}", hops[2]);
+    for h in &hops {
+        assert_eq!(h["sent_redirected_bytes"], 4 * MIB, "{h:#}");
+    }
     Ok(())
 }
