@@ -483,6 +483,15 @@ fn print_status(v: &Status) {
         println!("  {:<16} id {:<6} {}", p.name, p.id, p.attach);
     }
     println!("sidecar pods:  {}", v.sidecar_pods);
+    let t = &v.telemetry;
+    println!(
+        "telemetry:     {}; {} observed connections open, {} events read, {} lost (ring {} KiB)",
+        if t.active { "on" } else { "off" },
+        t.open_flows,
+        t.events,
+        t.events_lost,
+        t.ring_bytes / 1024
+    );
     let g = &v.reader_guard;
     println!(
         "reader guard:  {} — {}",
