@@ -458,10 +458,15 @@ impl Agent {
             },
             telemetry: TelemetryStatus {
                 active: true,
-                detail: "sockops opens and closes flows; sock_send_length/sock_recv_length count \
-                         the bytes applications write and read (both paths); tcp_destroy_sock \
-                         ends them; sk_msg's per-socket counters split them by path"
-                    .into(),
+                detail: format!(
+                    "sockops opens and closes flows; sock_send_length/sock_recv_length count \
+                     the bytes applications write and read (both paths); tcp_destroy_sock ends \
+                     them; sk_msg's per-socket counters split them by path{}",
+                    self.telemetry
+                        .problem()
+                        .map(|p| format!(". {p}"))
+                        .unwrap_or_default()
+                ),
                 ring_bytes: self.telemetry.ring_bytes,
                 events: self.telemetry.events,
                 events_lost: self

@@ -295,6 +295,7 @@ pub struct Telemetry {
     pub(crate) events: u64,
     series_dropped: u64,
     flows_lost: u64,
+    problem: Option<String>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -332,13 +333,29 @@ impl Telemetry {
         use std::os::fd::AsFd as _;
         let mut ring = Ring::new(ring_map.fd().as_fd(), ring_bytes)
             .map_err(|e| Error::io("mapping the flow event ring", map_names::EVENTS, e))?;
+        // A checkpoint that cannot be read must not keep the dataplane from starting: it is
+        // kept aside for inspection, the closed totals start from 0, and status says so.
+        let mut problem = None;
         let saved: Checkpoint = match std::fs::read(&checkpoint) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                Error::Invalid(format!(
-                    "telemetry checkpoint {}: {e}; move it away to start the totals from 0",
-                    checkpoint.display()
-                ))
-            })?,
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(c) => c,
+                Err(e) => {
+                    let aside = checkpoint.with_extension("telemetry.bad");
+                    let kept = std::fs::rename(&checkpoint, &aside);
+                    let msg = format!(
+                        "telemetry checkpoint {} is unreadable ({e}); closed-connection totals \
+                         restarted from 0, the file {}",
+                        checkpoint.display(),
+                        match kept {
+                            Ok(()) => format!("kept as {}", aside.display()),
+                            Err(e) => format!("could not be moved aside: {e}"),
+                        }
+                    );
+                    tracing::error!("{msg}");
+                    problem = Some(msg);
+                    Checkpoint::default()
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint::default(),
             Err(e) => return Err(Error::io("reading", &checkpoint, e)),
         };
@@ -372,7 +389,13 @@ impl Telemetry {
             events: 0,
             series_dropped,
             flows_lost,
+            problem,
         })
+    }
+
+    /// What went wrong at start (an unreadable checkpoint), if anything.
+    pub fn problem(&self) -> Option<&str> {
+        self.problem.as_deref()
     }
 
     /// The ring's fd: readable (epoll) when the kernel has added events.

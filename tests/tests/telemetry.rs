@@ -563,3 +563,148 @@ fn an_agent_killed_mid_transfer_loses_and_doubles_nothing() -> Result<()> {
     assert_exact(&s, "c", "d", "stack", conns * n, down, conns);
     Ok(())
 }
+
+/// The labels of a series given every label.
+fn labels<'a>(
+    reporter: &'a str,
+    (src, src_ns): (&'a str, &'a str),
+    (dst, dst_ns): (&'a str, &'a str),
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("reporter", reporter),
+        ("source_workload", src),
+        ("source_namespace", src_ns),
+        ("destination_workload", dst),
+        ("destination_namespace", dst_ns),
+    ]
+}
+
+/// Peers are named from what the agent knows: an un-enrolled pod (over IPv6) is `unknown` and
+/// reports nothing itself; a connection inside one pod over loopback is that pod to itself; a
+/// pod enrolled without telemetry reports nothing, its observed peer does. Every count exact.
+#[test]
+fn peers_are_named_and_unobserved_pods_stay_silent() -> Result<()> {
+    let lab = Lab::with_agent(&["a", "u", "q"], false, &[])?;
+    let (a, u, q) = (
+        lab.pod("a").clone(),
+        lab.pod("u").clone(),
+        lab.pod("q").clone(),
+    );
+    lab.enroll(&a)?;
+    lab.enroll_unobserved(&q)?;
+    let one = |src: &Pod, srv_pod: &Pod, listen: SocketAddr, n: u64, d: u64| -> Result<()> {
+        let srv = serve(
+            &lab,
+            Some(srv_pod),
+            &listen.to_string(),
+            &["--duplex", &d.to_string()],
+        )?;
+        send(
+            &lab,
+            Some(src),
+            srv.addr,
+            &["--bytes", &n.to_string(), "--duplex", &d.to_string()],
+        )?;
+        srv.finish(Duration::from_secs(60))?;
+        Ok(())
+    };
+    one(&a, &u, addr(u.ip6, 7600), 3000, 100)?;
+    one(&a, &a, addr(std::net::Ipv4Addr::LOCALHOST, 7601), 5000, 200)?;
+    one(&q, &a, addr(a.ip, 7602), 7000, 300)?;
+    let to_unknown = labels("source", ("a", "lab"), ("unknown", "unknown"));
+    let in_a = labels("source", ("a", "lab"), ("a", "lab"));
+    let from_q = labels("destination", ("q", "lab"), ("a", "lab"));
+    let s = scrape_until(
+        &lab,
+        Duration::from_secs(20),
+        "every connection closed",
+        |s| {
+            [&to_unknown, &in_a, &from_q]
+                .iter()
+                .all(|l| sum(s, CLOSED, l) as u64 == 1)
+                && sum(
+                    s,
+                    CLOSED,
+                    &labels("destination", ("a", "lab"), ("a", "lab")),
+                ) as u64
+                    == 1
+        },
+    )?;
+    let bytes = |l: &[(&str, &str)], name: &str, path: &str| {
+        sum(&s, name, &with(l.to_vec(), "path", path)) as u64
+    };
+    // a → u: through the stack (u is not enrolled), u's own side not reported.
+    assert_eq!(bytes(&to_unknown, SENT, "stack"), 3000);
+    assert_eq!(
+        bytes(&to_unknown, RECEIVED, "stack"),
+        server_writes(3000, 100)
+    );
+    assert_eq!(bytes(&to_unknown, SENT, "redirected"), 0);
+    let u_reports = labels("destination", ("a", "lab"), ("unknown", "unknown"));
+    assert_eq!(
+        sum(&s, OPENED, &u_reports),
+        0.0,
+        "the un-enrolled pod reported"
+    );
+    // a → a over loopback: redirected, both ends a.
+    assert_eq!(bytes(&in_a, SENT, "redirected"), 5000);
+    assert_eq!(
+        bytes(&in_a, RECEIVED, "redirected"),
+        server_writes(5000, 200)
+    );
+    let in_a_server = labels("destination", ("a", "lab"), ("a", "lab"));
+    assert_eq!(bytes(&in_a_server, RECEIVED, "redirected"), 5000);
+    // q → a: only a's socket reports (q has telemetry off); the bytes were redirected.
+    assert_eq!(bytes(&from_q, RECEIVED, "redirected"), 7000);
+    assert_eq!(bytes(&from_q, SENT, "redirected"), server_writes(7000, 300));
+    let q_reports = labels("source", ("q", "lab"), ("a", "lab"));
+    assert_eq!(
+        sum(&s, OPENED, &q_reports),
+        0.0,
+        "the pod without telemetry reported"
+    );
+    Ok(())
+}
+
+/// A checkpoint the agent cannot read never keeps it from starting: the file is kept aside,
+/// status says what happened, the closed totals start again from 0 and count exactly.
+#[test]
+fn an_unreadable_checkpoint_is_kept_aside_and_counting_goes_on() -> Result<()> {
+    let mut lab = Lab::with_agent(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    transfers(&lab, &a, &b, 7700, &[(1000, 10)])?;
+    scrape_until(
+        &lab,
+        Duration::from_secs(20),
+        "the connection closed",
+        |s| closed_both(s, "a", "b", 1),
+    )?;
+    let state = lab.agent().state.clone();
+    lab.stop_agent()?;
+    let mut name = state.file_name().context("state file name")?.to_os_string();
+    name.push(".telemetry");
+    let checkpoint = state.with_file_name(name);
+    assert!(
+        checkpoint.exists(),
+        "no checkpoint at {}",
+        checkpoint.display()
+    );
+    std::fs::write(&checkpoint, b"{\"ring_id\": \"not a number\"")?;
+    lab.restart_agent(&[])?;
+    let st = lab.call(&Request::Status)?;
+    let detail = st["telemetry"]["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("unreadable"), "status: {detail}");
+    assert!(
+        checkpoint.with_extension("telemetry.bad").exists(),
+        "the unreadable file was not kept: {detail}"
+    );
+    let (up, down) = transfers(&lab, &a, &b, 7701, &[(2000, 20)])?;
+    let s = scrape_until(
+        &lab,
+        Duration::from_secs(20),
+        "the new connection closed",
+        |s| closed_both(s, "a", "b", 1),
+    )?;
+    assert_exact(&s, "a", "b", "redirected", up, down, 1);
+    Ok(())
+}
