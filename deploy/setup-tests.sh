@@ -13,6 +13,8 @@
 #   bpftool      independent evidence of what is attached and what the pinned maps hold
 #   util-linux   setpriv (run as the proxy uid 1337)
 #   stress-ng    a CPU hog: the tests must hold on a busy machine
+#   oha 1.x      an HTTP load generator with an exact count of what it got (crates.io; the first
+#                run builds it, a few minutes): the HTTP telemetry tests' ground truth
 #   containernetworking-plugins  Debian's CNI plugins 1.1.1 in /usr/lib/cni (spec <= 1.0.0): the
 #                lab chains bridge + host-local + portmap at cniVersion 1.0.0
 #   bpffs at /sys/fs/bpf
@@ -29,6 +31,7 @@ need_root
 apt_install "${BUILD_PKGS[@]}" iptables haproxy nginx-light wrk curl bpftool util-linux stress-ng \
   iputils-ping containernetworking-plugins
 ensure_build_toolchain
+ensure_cargo_tool oha '^oha 1\.' --version '^1.16'
 go_install_cached cnitool github.com/containernetworking/cni/cnitool@v1.3.1
 # A plain Go io.Copy TCP proxy (reads with splice): the splice guard's test workload.
 go_build_cached goproxy "$(dirname "$0")/../tests/go/goproxy"

@@ -22,6 +22,8 @@ pub enum FlowKind {
     /// A connection ended (its socket was destroyed, after the application's last read); the
     /// record carries its totals.
     Close,
+    /// An HTTP request and its response, as the reporter's socket saw them.
+    Request,
 }
 
 /// Which end of the connection measured it (Istio's `reporter` label).
@@ -96,7 +98,17 @@ pub struct FlowRecord {
     /// For connections of sidecar pods: which hop this is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leg: Option<Leg>,
-    /// Close only: the connection's life, open to close, in milliseconds.
+    /// Request only: the HTTP method, the request target (path and query, at most 256
+    /// characters), the response's status code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Close: the connection's life, open to close, in milliseconds. Request: the request's
+    /// duration as the reporter saw it (server: request's first byte read → response's last
+    /// byte written; client: request's first byte written → response's last byte read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<f64>,
     /// Close only: bytes the reporter's application wrote; of them, those redirected socket to
@@ -145,9 +157,12 @@ pub struct FlowQuery {
     /// Either end is a pod of this namespace.
     #[serde(default)]
     pub namespace: Option<String>,
-    /// `tcp` (the only one recorded for now).
+    /// `tcp` (connection records) or `http` (requests).
     #[serde(default)]
     pub protocol: Option<String>,
+    /// Requests with this response status only.
+    #[serde(default)]
+    pub status: Option<u16>,
 }
 
 impl FlowQuery {
@@ -160,10 +175,16 @@ impl FlowQuery {
         }
         if let Some(p) = &self.protocol
             && p != "tcp"
+            && p != "http"
         {
             return Err(format!(
-                "protocol {p:?} is not recorded; the choices are: tcp"
+                "protocol {p:?} is not recorded; the choices are: tcp, http"
             ));
+        }
+        if let Some(s) = self.status
+            && !(100..=599).contains(&s)
+        {
+            return Err(format!("status {s} is not an HTTP status code (100-599)"));
         }
         if let Some(p) = &self.pod {
             crate::types::validate_pod_name(p).map_err(|e| format!("pod: {e}"))?;
@@ -179,6 +200,7 @@ impl FlowQuery {
                     .any(|x| x.split_once('/').is_some_and(|(n, _)| n == ns))
             })
             && self.protocol.as_deref().is_none_or(|p| p == r.protocol)
+            && self.status.is_none_or(|s| r.status == Some(s))
     }
 }
 
@@ -230,6 +252,9 @@ mod tests {
             original_destination: None,
             accelerated: false,
             leg: None,
+            method: None,
+            path: None,
+            status: None,
             duration_ms: None,
             sent_bytes: None,
             sent_redirected_bytes: None,
@@ -272,6 +297,13 @@ mod tests {
                 ..FlowQuery::default()
             })
             .contains("tcp")
+        );
+        assert!(
+            bad(FlowQuery {
+                status: Some(42),
+                ..FlowQuery::default()
+            })
+            .starts_with("status")
         );
         assert!(
             bad(FlowQuery {

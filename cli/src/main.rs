@@ -69,9 +69,12 @@ enum Cmd {
         /// Either end is a pod of this namespace.
         #[arg(long)]
         namespace: Option<String>,
-        /// Only this protocol (tcp).
+        /// Only this protocol: tcp (connections) or http (requests).
         #[arg(long)]
         protocol: Option<String>,
+        /// Only requests answered with this status.
+        #[arg(long)]
+        status: Option<u16>,
         /// How many recent records to print first (at most 10000).
         #[arg(long, default_value_t = 20)]
         last: usize,
@@ -193,6 +196,7 @@ fn flow_line(r: &FlowRecord) -> String {
         match r.kind {
             FlowKind::Open => "OPEN",
             FlowKind::Close => "CLOSE",
+            FlowKind::Request => "REQ",
         },
         r.protocol.to_uppercase(),
         end(&r.source),
@@ -200,6 +204,9 @@ fn flow_line(r: &FlowRecord) -> String {
         r.reporter.as_str(),
         if r.accelerated { " accelerated" } else { "" }
     );
+    if let (Some(m), Some(p), Some(s)) = (&r.method, &r.path, r.status) {
+        line.push_str(&format!(" {m} {p} {s}"));
+    }
     if let Some(o) = r.original_destination {
         line.push_str(&format!(" original_destination={o}"));
     }
@@ -339,6 +346,7 @@ fn run() -> anyhow::Result<()> {
             pod,
             namespace,
             protocol,
+            status,
             last,
             follow,
             json,
@@ -349,6 +357,7 @@ fn run() -> anyhow::Result<()> {
                 pod,
                 namespace,
                 protocol,
+                status,
             };
             query
                 .validate()

@@ -69,6 +69,15 @@ pub mod map_names {
     /// Flow open and close events ([`super::FlowEvent`]), a ring buffer: written by sockops,
     /// read by the agent. A full ring drops the event and counts it (`events_lost`).
     pub const EVENTS: &str = "ML_EVENTS";
+    /// Threads inside a read/write family syscall: pid_tgid → [`super::SysBuf`]. Written and
+    /// deleted by the syscall tracepoints; read by the length tracepoints.
+    pub const SYSBUF: &str = "ML_SYSBUF";
+    /// Per observed socket (cookie), the stream offsets (write, read) where the agent expects
+    /// the next HTTP message: the kernel copies nothing of a call that ends before it (a body),
+    /// and starts copying there. `u64::MAX`: not HTTP, copy nothing. Written by the agent.
+    pub const HTTP_NEXT: &str = "ML_HTTP_NEXT";
+    /// One [`super::CaptureConfig`]. Written by the agent.
+    pub const CAPTURE: &str = "ML_CAPTURE";
     /// Sockets seen read with a splice: [`super::SockKey`] → 1 (LRU). Written by the reader
     /// guard; the agent resets those still in the fast path (their redirected bytes can never
     /// reach the reader) and removes the entry.
@@ -91,6 +100,11 @@ pub mod program_names {
     /// Telemetry: bytes the applications of enrolled pods write, and the end of their flows.
     pub const SEND_LENGTH: &str = "ml_send_length";
     pub const DESTROY_SOCK: &str = "ml_destroy_sock";
+    /// Payload capture: the buffers of read/write family syscalls (enter) and their end.
+    pub const SYS_BUF: &str = "ml_sys_buf";
+    pub const SYS_IOV: &str = "ml_sys_iov";
+    pub const SYS_MSG: &str = "ml_sys_msg";
+    pub const SYS_DONE: &str = "ml_sys_done";
     pub const URING_SUBMIT: &str = "ml_uring_submit";
     pub const URING_DONE: &str = "ml_uring_done";
     pub const SETSOCKOPT: &str = "ml_setsockopt";
@@ -132,9 +146,10 @@ pub const SPLICING_CAPACITY: u32 = 16_384;
 /// Sockets of enrolled pods (their telemetry and reader-guard state), twice the SOCKHASH's
 /// default: every socket of an enrolled pod has one, accelerated or not.
 pub const FLOWS_CAPACITY: u32 = 131_072;
-/// Default size of the flow event ring buffer in bytes (`--events-ring-bytes`): about 12,000
-/// events, several seconds of a busy node's connection churn if the agent stalls.
-pub const EVENTS_RING_BYTES: u32 = 2 << 20;
+/// Default size of the flow event ring buffer in bytes (`--events-ring-bytes`): about 7,500
+/// payload records (HTTP messages) or 55,000 open/close events, 100 ms of a node serving
+/// 20,000 requests/s, should the agent stall that long.
+pub const EVENTS_RING_BYTES: u32 = 8 << 20;
 pub const SPLICED_CAPACITY: u32 = 4_096;
 /// Offset of the socket's address (`skaddr`, `sk`) in the `tcp:tcp_rcv_space_adjust` record
 /// (read by the guard; the agent checks it against the tracepoint's format before attaching)
@@ -444,6 +459,57 @@ pub struct Flow {
 }
 const _: () = assert!(size_of::<Flow>() == 128);
 
+/// Bytes of an application read or write copied into a [`DataEvent`] at most.
+pub const DATA_CAPTURE: usize = 1024;
+
+/// Where the payload capture looks: threads in this cgroup subtree (the agent's `--cgroup`),
+/// in the one-entry [`map_names::CAPTURE`] array. Written by the agent at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CaptureConfig {
+    /// The cgroup v2 id (inode number) of the subtree's root.
+    pub cgroup_id: u64,
+    /// Its level (the root of the hierarchy is 0).
+    pub cgroup_level: u32,
+    /// Non-zero: capture is on.
+    pub on: u32,
+}
+const _: () = assert!(size_of::<CaptureConfig>() == 16);
+
+/// The buffer a thread passed to the read or write it is in (its first segment), kept by the
+/// syscall tracepoints for the socket layer's length tracepoint to copy from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SysBuf {
+    pub ptr: u64,
+    pub len: u64,
+}
+const _: () = assert!(size_of::<SysBuf>() == 16);
+
+/// The first bytes of one application write (`dir` 0) or read (`dir` 1) on an observed socket,
+/// for the agent's HTTP parser: a record of the [`map_names::EVENTS`] ring with `kind`
+/// [`flow_event::DATA`]. The kernel skips what the agent said is inside a body
+/// ([`map_names::HTTP_NEXT`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataEvent {
+    pub kind: u32,
+    /// 0: the application wrote; 1: it read.
+    pub dir: u32,
+    pub cookie: u64,
+    pub at_ns: u64,
+    /// Stream offset (bytes of this direction before it) of `data[0]`.
+    pub offset: u64,
+    /// Stream offset after this call.
+    pub end: u64,
+    /// Bytes of `data` filled (0: nothing the agent asked for, or no buffer known).
+    pub len: u32,
+    /// Non-zero: the call's buffer was not known (not a read/write/send/recv family syscall).
+    pub no_buffer: u32,
+    pub data: [u8; DATA_CAPTURE],
+}
+const _: () = assert!(size_of::<DataEvent>() == 48 + DATA_CAPTURE);
+
 /// Bits of [`Flow::flags`].
 pub mod flow_flags {
     /// This socket connected (the client side); otherwise it was accepted.
@@ -462,6 +528,8 @@ pub mod flow_event {
     pub const OPEN: u32 = 1;
     /// Destroyed; the flow's final counts.
     pub const CLOSE: u32 = 2;
+    /// A [`super::DataEvent`].
+    pub const DATA: u32 = 3;
 }
 
 /// One record of the flow event ring buffer ([`map_names::EVENTS`]).
@@ -668,6 +736,9 @@ counters! {
     /// A socket of an enrolled pod closed without its flow entry: the entry was evicted (the
     /// flow map is full of open connections), so its bytes are lost to telemetry.
     FlowEvicted = 57, "flow_evicted";
+    /// A thread's read/write buffer could not be kept (the map is full): its payload is not
+    /// copied for HTTP parsing.
+    SysBufStoreError = 58, "sysbuf_store_error";
 }
 
 /// Size of the counter array; a new reason needs a new index below it.
@@ -710,6 +781,9 @@ mod user {
     unsafe impl aya::Pod for ReaderPod {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for CaptureConfig {}
+    unsafe impl aya::Pod for SysBuf {}
+    unsafe impl aya::Pod for DataEvent {}
 }
 
 #[cfg(test)]

@@ -226,7 +226,8 @@ pub fn ml_recv_length(ctx: RawTracePointContext) -> i32 {
     };
     // SAFETY: our map's value; the add is atomic (two threads may read one socket).
     if counts && unsafe { (*flow).flags } & flow_flags::OBSERVED != 0 {
-        add_bytes(unsafe { &raw mut (*flow).received }, ret as u64);
+        let offset = add_bytes(unsafe { &raw mut (*flow).received }, ret as u64);
+        crate::payload::capture(flow, 1, offset, ret as u64);
     }
     if flags & MSG_WAITALL != 0 {
         count(Counter::WaitallDetected, 1);

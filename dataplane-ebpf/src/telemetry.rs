@@ -33,16 +33,24 @@ pub fn flow_at(sk: u64) -> Option<*mut Flow> {
     ML_FLOWS.get_ptr_mut(&sk)
 }
 
-/// Adds `n` to a flow's byte counter atomically: two threads may use one socket at once, and
-/// tracepoints run outside the socket lock.
+/// Adds `n` to a flow's byte counter atomically (two threads may use one socket at once, and
+/// tracepoints run outside the socket lock); returns the count before, the stream offset of
+/// the call's first byte. That offset is read just before the add: the fetching form of the
+/// atomic add needs BPF ISA v3, and aya-build compiles for the generic CPU. Two threads moving
+/// bytes the same way on one socket at the same moment can both see the same offset (the
+/// count stays exact; only the payload capture's position may be off, for a stream that such
+/// interleaving garbles anyway).
 #[inline(always)]
-pub fn add_bytes(counter: *mut u64, n: u64) {
+pub fn add_bytes(counter: *mut u64, n: u64) -> u64 {
+    // SAFETY: as below.
+    let before = unsafe { core::ptr::read_volatile(counter) };
     // The bpf target has no atomic types (rustc lists only atomic loads and stores for it), but
     // LLVM lowers this intrinsic to the BPF atomic add (`lock *(u64 *) += `), which every
     // kernel with BPF has.
     // SAFETY: `counter` points into a live map value, 8-byte aligned (Flow is repr(C) with u64
     // fields).
     let _old: u64 = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
+    before
 }
 
 /// Sends one event; a full ring drops it and counts the loss. The flow is copied from where it
@@ -83,7 +91,8 @@ pub fn ml_send_length(ctx: RawTracePointContext) -> i32 {
         && unsafe { (*flow).flags } & flow_flags::OBSERVED != 0
     {
         // SAFETY: as above.
-        add_bytes(unsafe { &raw mut (*flow).sent }, ret as u64);
+        let offset = add_bytes(unsafe { &raw mut (*flow).sent }, ret as u64);
+        crate::payload::capture(flow, 0, offset, ret as u64);
     }
     0
 }

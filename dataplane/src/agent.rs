@@ -151,6 +151,7 @@ impl Agent {
             telemetry_maps.ring,
             sizes.events_ring_bytes,
             telemetry_maps.flows,
+            telemetry_maps.http_next,
             crate::telemetry::checkpoint_path(&config.state_file),
         )?;
         tracing::info!(
@@ -262,11 +263,12 @@ impl Agent {
         }
     }
 
-    /// Counts the flow events the kernel produced since the last call.
-    pub fn drain_telemetry(&mut self) {
+    /// Counts a bounded number of the flow events waiting; returns whether more are waiting.
+    pub fn drain_telemetry(&mut self) -> bool {
         if let Err(e) = self.telemetry.drain() {
             tracing::error!(error = %e, "reading flow events");
         }
+        self.telemetry.pending()
     }
 
     /// The flow series as a scrape shows them (closed totals plus open connections now).

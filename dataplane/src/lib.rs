@@ -31,6 +31,7 @@ pub mod agent;
 mod bpf_sys;
 pub mod cni_queue;
 mod error;
+pub mod http;
 pub mod loader;
 pub mod maps;
 pub mod metrics;

@@ -18,7 +18,7 @@ use meshlane_api::types::Status;
 
 use crate::{
     agent::Agent,
-    telemetry::{Labels, RTT_BUCKETS, Series, Totals},
+    telemetry::{HTTP_BUCKETS, Labels, RTT_BUCKETS, Series, Totals},
 };
 
 /// One scrape's snapshot of the agent's status and telemetry.
@@ -111,6 +111,57 @@ fn encode_flows(
         ));
         e.encode_family(&l.pairs())?
             .encode_histogram::<NoLabelSet>(t.rtt_sum, t.rtt_count, &buckets, None)?;
+    }
+    for (server, name, help) in [
+        (
+            true,
+            "http_server_request_duration_seconds",
+            "Duration of HTTP requests as the server's socket saw them: request's first byte read → response's last byte written",
+        ),
+        (
+            false,
+            "http_client_request_duration_seconds",
+            "Duration of HTTP requests as the client's socket saw them: request's first byte written → response's last byte read",
+        ),
+    ] {
+        let mut e = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (l, s) in flows {
+            for h in s.totals.http.iter().filter(|h| h.server == server) {
+                let status = h.status.to_string();
+                let labels = [
+                    ("source_workload", l.source_workload.as_str()),
+                    ("source_namespace", l.source_namespace.as_str()),
+                    ("destination_workload", l.destination_workload.as_str()),
+                    ("destination_namespace", l.destination_namespace.as_str()),
+                    ("destination_service", "unknown"),
+                    ("http_request_method", h.method.as_str()),
+                    ("http_response_status_code", status.as_str()),
+                ];
+                let d = &h.duration;
+                let mut buckets: Vec<(f64, u64)> = HTTP_BUCKETS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| (*b, d.buckets.get(i).copied().unwrap_or(0)))
+                    .collect();
+                buckets.push((
+                    f64::MAX,
+                    d.buckets.get(HTTP_BUCKETS.len()).copied().unwrap_or(0),
+                ));
+                e.encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(d.sum, d.count, &buckets, None)?;
+            }
+        }
+    }
+    let mut e = encoder.encode_descriptor(
+        "meshlane_http_unparsed",
+        "Places in observed TCP streams where an HTTP message had to start but what was there did not parse, or was not seen: never counted as requests",
+        None,
+        MetricType::Counter,
+    )?;
+    for (l, s) in flows {
+        if s.totals.http_unparsed > 0 {
+            ConstCounter::new(s.totals.http_unparsed).encode(e.encode_family(&l.pairs())?)?;
+        }
     }
     for (name, help, v) in [
         (

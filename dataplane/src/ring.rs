@@ -135,6 +135,11 @@ impl Ring {
         cons
     }
 
+    /// Whether the kernel has produced records not yet released.
+    pub fn has_records(&self) -> bool {
+        self.producer_pos().load(Ordering::Acquire) > self.position()
+    }
+
     /// Gives the records before `pos` back to the kernel.
     pub fn release(&mut self, pos: u64) {
         self.consumer_pos().store(pos, Ordering::Release);

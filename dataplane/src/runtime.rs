@@ -41,25 +41,40 @@ async fn read_flow_events(
     agent: Arc<Mutex<Agent>>,
     ring: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
 ) {
+    let mut more = false;
     loop {
-        tokio::select! {
-            ready = ring.readable() => match ready {
-                Ok(mut guard) => guard.clear_ready(),
-                Err(e) => {
-                    tracing::error!(error = %e, "waiting for flow events; polling instead");
-                    tokio::time::sleep(EVENTS_POLL).await;
-                }
-            },
-            _ = tokio::time::sleep(EVENTS_POLL) => {}
+        if !more {
+            tokio::select! {
+                ready = ring.readable() => match ready {
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "waiting for flow events; polling instead");
+                        tokio::time::sleep(EVENTS_POLL).await;
+                    }
+                },
+                _ = tokio::time::sleep(EVENTS_POLL) => {}
+            }
         }
+        // Each round takes the lock for a bounded number of events, so API requests and
+        // scrapes get their turn in between.
         let agent = agent.clone();
         let drained = tokio::task::spawn_blocking(move || match agent.lock() {
             Ok(mut a) => a.drain_telemetry(),
-            Err(_) => tracing::error!("agent state poisoned; flow events not read"),
+            Err(_) => {
+                tracing::error!("agent state poisoned; flow events not read");
+                false
+            }
         })
         .await;
-        if let Err(e) = drained {
-            tracing::error!(error = %e, "reading flow events");
+        more = match drained {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "reading flow events");
+                false
+            }
+        };
+        if more {
+            tokio::task::yield_now().await;
         }
     }
 }

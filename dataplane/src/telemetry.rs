@@ -23,7 +23,7 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use dataplane_common::{
-    Flow, FlowEvent, SockKey, SockStats, flow_event, flow_flags, is_loopback, map_names,
+    DataEvent, Flow, FlowEvent, SockKey, SockStats, flow_event, flow_flags, is_loopback, map_names,
 };
 use meshlane_api::{
     flows::{FlowEnd, FlowKind, FlowQuery, FlowRecord, Flows, Leg, MAX_RECORDS, Reporter},
@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     Error, Result,
     addr::{ip_key, key_ip},
+    http,
     ring::Ring,
 };
 
@@ -42,10 +43,50 @@ use crate::{
 pub const RTT_BUCKETS: [f64; 15] = [
     0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 10.0,
 ];
+/// Upper bounds of the HTTP duration histograms, in seconds (OpenTelemetry's semantic
+/// conventions for `http.server.request.duration`).
+pub const HTTP_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// (method, status) pairs kept per label set; past this, new ones count as `_OTHER` / 0.
+pub const MAX_HTTP_SERIES: usize = 64;
+
+/// A histogram: per-bucket counts (the last slot is +Inf), sum and count.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub buckets: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, bounds: &[f64], v: f64) {
+        if self.buckets.len() != bounds.len() + 1 {
+            self.buckets = vec![0; bounds.len() + 1];
+        }
+        let i = bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len());
+        self.buckets[i] += 1;
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+/// HTTP requests of one label set with one method and status, from one side.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HttpSeries {
+    /// Measured by the server's socket (`http_server_…`), else the client's.
+    pub server: bool,
+    pub method: String,
+    pub status: u16,
+    pub duration: Histogram,
+}
+
 /// Label sets kept; past this, new ones are counted under [`Labels::overflow`].
 pub const MAX_SERIES: usize = 10_000;
 /// Events read per batch (one checkpoint per batch).
 const BATCH: usize = 4096;
+/// Batches one [`Telemetry::drain`] reads at most.
+const DRAIN_BATCHES: usize = 2;
 /// An open connection whose flow left the kernel's map without a close event reaching us (the
 /// ring was full) is folded into the totals with its last counts after this long.
 const LOST_CLOSE_AFTER: Duration = Duration::from_secs(30);
@@ -137,9 +178,55 @@ pub struct Totals {
     pub rtt_buckets: Vec<u64>,
     pub rtt_sum: f64,
     pub rtt_count: u64,
+    /// HTTP requests by side, method and status.
+    #[serde(default)]
+    pub http: Vec<HttpSeries>,
+    /// Places where an HTTP message had to start but what was there did not parse (or was not
+    /// seen).
+    #[serde(default)]
+    pub http_unparsed: u64,
 }
 
 impl Totals {
+    fn observe_http(&mut self, server: bool, method: &str, status: u16, seconds: f64) {
+        let method = http::method_label(method);
+        let i = match self
+            .http
+            .iter()
+            .position(|h| h.server == server && h.method == method && h.status == status)
+        {
+            Some(i) => i,
+            None if self.http.len() < MAX_HTTP_SERIES => {
+                self.http.push(HttpSeries {
+                    server,
+                    method: method.into(),
+                    status,
+                    duration: Histogram::default(),
+                });
+                self.http.len() - 1
+            }
+            None => {
+                let i = self
+                    .http
+                    .iter()
+                    .position(|h| h.server == server && h.method == "_OTHER" && h.status == 0);
+                match i {
+                    Some(i) => i,
+                    None => {
+                        self.http.push(HttpSeries {
+                            server,
+                            method: "_OTHER".into(),
+                            status: 0,
+                            duration: Histogram::default(),
+                        });
+                        self.http.len() - 1
+                    }
+                }
+            }
+        };
+        self.http[i].duration.observe(&HTTP_BUCKETS, seconds);
+    }
+
     fn observe_rtt(&mut self, seconds: f64) {
         if self.rtt_buckets.len() != RTT_BUCKETS.len() + 1 {
             self.rtt_buckets = vec![0; RTT_BUCKETS.len() + 1];
@@ -165,6 +252,9 @@ pub struct Series {
 #[derive(Clone, Debug)]
 struct Open {
     labels: Labels,
+    /// The socket's own key and whether it joined the fast path (for request records).
+    key: SockKey,
+    accelerated: bool,
     /// The highest counts read so far (so a series never goes down).
     last: Bytes,
     /// When the flow was first found missing from the kernel's map, if it is.
@@ -277,6 +367,12 @@ fn workload(pod: Option<&String>) -> (String, String) {
     }
 }
 
+/// One record of the ring.
+enum Record {
+    Flow(FlowEvent),
+    Data(Box<DataEvent>),
+}
+
 pub struct Telemetry {
     ring: Ring,
     /// The ring's map (its fd is what the agent waits on for new events).
@@ -284,6 +380,9 @@ pub struct Telemetry {
     ring_id: u32,
     pub(crate) ring_bytes: u32,
     flows: BpfHashMap<MapData, u64, Flow>,
+    http_next: BpfHashMap<MapData, u64, [u64; 2]>,
+    /// HTTP state of observed sockets, with the copy positions last given to the kernel.
+    conns: HashMap<u64, (http::Conn, [u64; 2])>,
     checkpoint: PathBuf,
     /// Wall clock minus CLOCK_MONOTONIC, in ns, to date kernel timestamps.
     realtime_offset_ns: i128,
@@ -321,6 +420,7 @@ impl Telemetry {
         ring_map: MapData,
         ring_bytes: u32,
         flows: BpfHashMap<MapData, u64, Flow>,
+        http_next: BpfHashMap<MapData, u64, [u64; 2]>,
         checkpoint: PathBuf,
     ) -> Result<Telemetry> {
         let ring_id = ring_map
@@ -378,6 +478,8 @@ impl Telemetry {
             ring_id,
             ring_bytes,
             flows,
+            http_next,
+            conns: HashMap::new(),
             checkpoint,
             realtime_offset_ns: crate::sys::clock_ns(libc::CLOCK_REALTIME)
                 - crate::sys::clock_ns(libc::CLOCK_MONOTONIC),
@@ -438,11 +540,18 @@ impl Telemetry {
     /// events to the kernel. Returns how many were read.
     pub fn drain(&mut self) -> Result<usize> {
         let mut total = 0;
-        loop {
+        // A bounded amount per call: the caller holds the agent's lock, and the API must not
+        // wait behind a node that produces events as fast as they are read.
+        for _ in 0..DRAIN_BATCHES {
             let mut batch = Vec::new();
             let end = self.ring.read(BATCH, |b| {
-                if let Some(ev) = crate::ring::record::<FlowEvent>(b) {
-                    batch.push(ev);
+                let kind = crate::ring::record::<u32>(b);
+                if kind == Some(flow_event::DATA) {
+                    if let Some(ev) = crate::ring::record::<DataEvent>(b) {
+                        batch.push(Record::Data(Box::new(ev)));
+                    }
+                } else if let Some(ev) = crate::ring::record::<FlowEvent>(b) {
+                    batch.push(Record::Flow(ev));
                 }
             });
             if end == self.ring.position() {
@@ -450,7 +559,10 @@ impl Telemetry {
             }
             total += batch.len();
             for ev in &batch {
-                self.count(ev);
+                match ev {
+                    Record::Flow(ev) => self.count(ev),
+                    Record::Data(ev) => self.count_data(ev),
+                }
             }
             // Counted now: release the batch even if the checkpoint cannot be written (reading
             // it again would count it twice); a restart before the next good checkpoint then
@@ -464,6 +576,12 @@ impl Telemetry {
                 ))
             })?;
         }
+        Ok(total)
+    }
+
+    /// Whether events are waiting in the ring.
+    pub fn pending(&self) -> bool {
+        self.ring.has_records()
     }
 
     fn save(&self, ring_pos: u64) -> Result<()> {
@@ -499,6 +617,8 @@ impl Telemetry {
                             flow.cookie,
                             Open {
                                 labels: labels.clone(),
+                                key: flow.key,
+                                accelerated: flow.flags & flow_flags::ACCELERATED != 0,
                                 last: Bytes::default(),
                                 gone_since: None,
                             },
@@ -509,10 +629,18 @@ impl Telemetry {
                 self.totals.entry(labels).or_default().opened += 1;
             }
             flow_event::CLOSE => {
-                let labels = match self.open.remove(&flow.cookie) {
-                    Some(o) => o.labels,
+                let labels = match self.open.get(&flow.cookie) {
+                    Some(o) => o.labels.clone(),
                     None => self.labels(flow),
                 };
+                if let Some((mut conn, _)) = self.conns.remove(&flow.cookie) {
+                    let mut out = Vec::new();
+                    conn.close(ev.at_ns, &mut out);
+                    self.count_http(flow.cookie, &labels, out);
+                    // The kernel's entry goes with the socket's flow (it is an LRU as well).
+                    let _gone_is_fine = self.http_next.remove(&flow.cookie);
+                }
+                self.open.remove(&flow.cookie);
                 let t = self.totals.entry(labels).or_default();
                 t.closed += 1;
                 t.bytes.add(&Bytes::split(
@@ -533,6 +661,145 @@ impl Telemetry {
             self.records.pop_front();
         }
         self.records.push_back(record);
+    }
+
+    /// A payload record: feeds the socket's HTTP parser, counts what it completed, and tells
+    /// the kernel where to copy from next when that changed.
+    fn count_data(&mut self, ev: &DataEvent) {
+        self.events += 1;
+        let Some(open) = self.open.get(&ev.cookie) else {
+            // The flow's open event was lost: its role is unknown, so it is not parsed.
+            return;
+        };
+        let role = match open.labels.reporter {
+            Reporter::Source => http::Role::Client,
+            Reporter::Destination => http::Role::Server,
+        };
+        let (conn, given) = self
+            .conns
+            .entry(ev.cookie)
+            .or_insert_with(|| (http::Conn::new(role), [0, 0]));
+        let len = (ev.len as usize).min(ev.data.len());
+        let mut out = Vec::new();
+        conn.feed(
+            http::Chunk {
+                dir: if ev.dir == 0 {
+                    http::Dir::Write
+                } else {
+                    http::Dir::Read
+                },
+                offset: ev.offset,
+                end: ev.end,
+                data: &ev.data[..len],
+                at_ns: ev.at_ns,
+            },
+            &mut out,
+        );
+        // The kernel needs a new position only to skip (a body beyond this call, or a stream
+        // that is not HTTP) or to go back (a lost stream: copy whole calls again). A message
+        // that starts where a call starts, the usual case, needs no update: the kernel then
+        // copies from the call's start. So at most one map update per body, not per message.
+        let next = conn.next();
+        let mut update = false;
+        for d in 0..2 {
+            if next[d] != given[d] && (next[d] > ev.end || next[d] < given[d]) {
+                update = true;
+            }
+        }
+        if update {
+            *given = next;
+            if let Err(e) = self.http_next.insert(ev.cookie, next, 0) {
+                tracing::debug!(error = %e, "telling the kernel where the next HTTP message is");
+            }
+        }
+        if !out.is_empty()
+            && let Some(labels) = self.open.get(&ev.cookie).map(|o| o.labels.clone())
+        {
+            self.count_http(ev.cookie, &labels, out);
+        }
+    }
+
+    fn count_http(&mut self, cookie: u64, labels: &Labels, out: Vec<http::Event>) {
+        for e in out {
+            let t = self.totals.entry(labels.clone()).or_default();
+            match e {
+                http::Event::Unparsed => t.http_unparsed += 1,
+                http::Event::Exchange(x) => {
+                    let server = labels.reporter == Reporter::Destination;
+                    t.observe_http(server, &x.method, x.status, x.duration_ns as f64 / 1e9);
+                    let record = self.request_record(cookie, labels, &x);
+                    if self.records.len() == MAX_RECORDS {
+                        self.records.pop_front();
+                    }
+                    self.records.push_back(record);
+                }
+            }
+        }
+    }
+
+    /// The `request` record of an exchange, with the connection's ends from its flow.
+    fn request_record(&mut self, cookie: u64, labels: &Labels, x: &http::Exchange) -> FlowRecord {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let now = crate::sys::clock_ns(libc::CLOCK_REALTIME);
+        let open = self.open.get(&cookie).map(|o| (o.key, o.accelerated));
+        let end = |ip: [u32; 4], port: u32, pod: Option<String>| FlowEnd {
+            ip: key_ip(ip),
+            port: port as u16,
+            pod,
+        };
+        let pod = |w: &str, ns: &str| (ns != "unknown").then(|| format!("{ns}/{w}"));
+        let (source, destination) = match &open {
+            Some((key, _)) => {
+                let own = end(
+                    key.local_ip,
+                    key.local_port,
+                    self.names.own(key).map(|p| p.label.clone()),
+                );
+                let remote = end(
+                    key.remote_ip,
+                    key.remote_port,
+                    self.names.remote(key).map(|p| p.label.clone()),
+                );
+                if labels.reporter == Reporter::Source {
+                    (own, remote)
+                } else {
+                    (remote, own)
+                }
+            }
+            None => {
+                let unknown = |p| end([0; 4], 0, p);
+                (
+                    unknown(pod(&labels.source_workload, &labels.source_namespace)),
+                    unknown(pod(
+                        &labels.destination_workload,
+                        &labels.destination_namespace,
+                    )),
+                )
+            }
+        };
+        FlowRecord {
+            seq,
+            time_ms: (now / 1_000_000).max(0) as u64,
+            kind: FlowKind::Request,
+            protocol: "http".into(),
+            reporter: labels.reporter,
+            source,
+            destination,
+            original_destination: None,
+            accelerated: open.is_some_and(|(_, a)| a),
+            leg: None,
+            method: Some(x.method.clone()),
+            path: Some(x.path.clone()),
+            status: Some(x.status),
+            duration_ms: Some(x.duration_ns as f64 / 1e6),
+            sent_bytes: None,
+            sent_redirected_bytes: None,
+            received_bytes: None,
+            received_redirected_bytes: None,
+            srtt_us: None,
+            retransmits: None,
+        }
     }
 
     fn record(&mut self, ev: &FlowEvent) -> FlowRecord {
@@ -592,6 +859,9 @@ impl Telemetry {
                 .then(|| SocketAddr::new(key_ip(flow.orig_dst.ip), flow.orig_dst.port as u16)),
             accelerated: flow.flags & flow_flags::ACCELERATED != 0,
             leg,
+            method: None,
+            path: None,
+            status: None,
             duration_ms: close.then(|| ev.at_ns.saturating_sub(flow.opened_ns) as f64 / 1e6),
             sent_bytes: close.then_some(flow.sent),
             sent_redirected_bytes: close.then_some(b.sent_redirected),
@@ -636,6 +906,8 @@ impl Telemetry {
                     flow.cookie,
                     Open {
                         labels,
+                        key: flow.key,
+                        accelerated: flow.flags & flow_flags::ACCELERATED != 0,
                         last: Bytes::default(),
                         gone_since: None,
                     },

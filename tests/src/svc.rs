@@ -292,7 +292,11 @@ pub fn run_in(lab: &Lab, pod: &Pod, program: &str, args: &[&str]) -> Result<Stri
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// nginx in a pod, serving `www` on `listen` (`IP:port`), run in the foreground as root.
+/// nginx in a pod, serving `www` on `listen` (`IP:port`), run in the foreground as root. It
+/// logs nothing per request (its stderr is a pipe nobody drains: a log line per 404 would fill
+/// it and stall nginx), and keeps a keep-alive connection for as long as its client does (its
+/// default closes it after 1,000 requests, so a load generator's connections would be new ones
+/// every fraction of a second).
 pub fn nginx(lab: &Lab, pod: &Pod, listen: &str, www: &Path) -> Result<Proc> {
     let dir = lab.dir.join(format!("nginx-{}", pod.name));
     std::fs::create_dir_all(&dir)?;
@@ -302,7 +306,7 @@ pub fn nginx(lab: &Lab, pod: &Pod, listen: &str, www: &Path) -> Result<Proc> {
         format!(
             "user root; worker_processes 1; daemon off; pid {dir}/nginx.pid; error_log stderr warn;
 events {{ worker_connections 1024; }}
-http {{ access_log off; client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt;
+http {{ access_log off; log_not_found off; keepalive_requests 10000000; client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt;
   fastcgi_temp_path {dir}/ft; uwsgi_temp_path {dir}/ut; scgi_temp_path {dir}/st;
   server {{ listen {listen}; root {www}; }} }}
 ",

@@ -708,3 +708,291 @@ fn an_unreadable_checkpoint_is_kept_aside_and_counting_goes_on() -> Result<()> {
     assert_exact(&s, "a", "b", "redirected", up, down, 1);
     Ok(())
 }
+
+/// `oha` (fixed request count, keep-alive) against nginx, on the fast path and on the stack:
+/// the server's and the client's request counts equal what oha says it got (0 missing, 0
+/// extra), with the right method and status; `meshlane observe --protocol http` lists them.
+#[test]
+fn http_requests_are_counted_exactly_on_both_paths() -> Result<()> {
+    let lab = Lab::with_agent(&["a", "b", "c", "d"], false, &[])?;
+    let (a, b, c, d) = (
+        lab.pod("a").clone(),
+        lab.pod("b").clone(),
+        lab.pod("c").clone(),
+        lab.pod("d").clone(),
+    );
+    enroll(&lab, &a, true)?;
+    enroll(&lab, &b, true)?;
+    enroll(&lab, &c, false)?;
+    enroll(&lab, &d, false)?;
+    let www = lab.dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("f"), vec![b'x'; 1024])?;
+    for (client, server, port, path) in [(&a, &b, 8080, "redirected"), (&c, &d, 8081, "stack")] {
+        let listen = format!("{}:{port}", server.ip);
+        let _nginx = meshlane_lab::svc::nginx(&lab, server, &listen, &www)?;
+        let n = 2000u64;
+        for (target, status) in [("f", "200"), ("missing", "404")] {
+            let out = meshlane_lab::run(
+                lab.cmd(client, "timeout")?
+                    .args(["60", "oha", "--no-tui", "--output-format", "json"])
+                    .args(["-n", &n.to_string()])
+                    .args(["-c", "8"])
+                    .arg(format!("http://{listen}/{target}")),
+            )?;
+            let out = meshlane_lab::succeeded(out, "oha")?;
+            let report: Value = serde_json::from_slice(&out.stdout)?;
+            let got = report["statusCodeDistribution"][status]
+                .as_u64()
+                .unwrap_or(0);
+            assert_eq!(got, n, "oha's own count: {report:#}");
+        }
+        let src = client.name.as_str();
+        let dst = server.name.as_str();
+        let want = |status: &'static str| {
+            vec![
+                ("source_workload", src),
+                ("destination_workload", dst),
+                ("http_request_method", "GET"),
+                ("http_response_status_code", status),
+            ]
+        };
+        let s = scrape_until(
+            &lab,
+            Duration::from_secs(20),
+            "every request counted",
+            |s| {
+                ["200", "404"].iter().all(|st| {
+                    sum(s, "http_server_request_duration_seconds_count", &want(st)) as u64 == n
+                        && sum(s, "http_client_request_duration_seconds_count", &want(st)) as u64
+                            == n
+                })
+            },
+        )
+        .with_context(|| format!("{src} → {dst} ({path})"))?;
+        assert_eq!(
+            sum(
+                &s,
+                "meshlane_http_unparsed_total",
+                &[("source_workload", src)]
+            ),
+            0.0,
+            "{src} → {dst}: unparsed places"
+        );
+        // The bytes went the way this pair is meant to.
+        let l = with(pair("source", src, dst), "path", path);
+        assert!(sum(&s, SENT, &l) > 0.0, "{src} → {dst}: no {path} bytes");
+    }
+    let recs = observe(
+        &lab,
+        &[
+            "--pod",
+            "lab/b",
+            "--protocol",
+            "http",
+            "--status",
+            "404",
+            "--last",
+            "10",
+        ],
+    )?;
+    assert_eq!(recs.len(), 10, "{recs:#?}");
+    for r in &recs {
+        assert_eq!(r["method"], "GET", "{r}");
+        assert_eq!(r["path"], "/missing", "{r}");
+        assert_eq!(r["status"], 404, "{r}");
+        assert!(r["duration_ms"].as_f64().unwrap_or(-1.0) >= 0.0, "{r}");
+    }
+    Ok(())
+}
+
+/// A scripted HTTP/1.1 server (Python's `http.server`, `tests/py/httpd.py`) in pod b, curl in
+/// pod a, on the fast path: `HEAD`, 204, 304, 404, 500, a chunked download, chunked and
+/// fixed-length uploads (1 MiB, with `Expect: 100-continue`), a 1 MiB download and
+/// `Connection: close` are each counted once with their method and status, from both ends; a
+/// server that answers after 10, 50 and 200 ms has a server-side p50 within 5 % (or 1 ms) of the
+/// delay, and the client's is never shorter.
+#[test]
+fn http_statuses_bodies_and_durations_match_what_the_applications_did() -> Result<()> {
+    let lab = Lab::with_agent(&["a", "b"], true, &[])?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let script = lab.dir.join("httpd.py");
+    std::fs::write(&script, include_str!("../py/httpd.py"))?;
+    let upload = lab.dir.join("upload.bin");
+    std::fs::write(&upload, vec![b'u'; 1 << 20])?;
+    let mut cmd = lab.cmd(&b, "python3")?;
+    cmd.arg(&script).arg(b.ip.to_string()).arg("8090");
+    let mut child = meshlane_lab::spawn_piped(&mut cmd)?;
+    let (_, served) =
+        meshlane_lab::wait_for_line(&mut child, Duration::from_secs(20), |l| l == "listening")?;
+    let _server = meshlane_lab::svc::Proc(child);
+    let base = format!("http://{}:8090", b.ip);
+    let curl = |args: &[String]| -> Result<String> {
+        let out = meshlane_lab::run(
+            lab.cmd(&a, "curl")?
+                .args(["-sS", "--max-time", "30", "-w", "%{http_code}\\n"])
+                .args(args),
+        )?;
+        Ok(String::from_utf8(
+            meshlane_lab::succeeded(out, format!("curl {args:?}"))?.stdout,
+        )?)
+    };
+    let urls = |paths: &[&str]| -> Vec<String> {
+        paths
+            .iter()
+            .flat_map(|p| ["-o".to_string(), "/dev/null".into(), format!("{base}{p}")])
+            .collect()
+    };
+    // One keep-alive connection per curl call (curl reuses it for every URL of the call).
+    let mut delays = Vec::new();
+    for ms in [10, 50, 200] {
+        delays.extend(std::iter::repeat_n(format!("/delay/{ms}"), 5));
+    }
+    let delay_refs: Vec<&str> = delays.iter().map(String::as_str).collect();
+    let codes = curl(&urls(&delay_refs))?;
+    assert_eq!(codes.lines().filter(|c| *c == "200").count(), 15, "{codes}");
+    let codes = curl(&urls(&[
+        "/status/204",
+        "/status/304",
+        "/status/404",
+        "/status/500",
+        "/chunked",
+        "/big",
+    ]))?;
+    assert_eq!(codes, "204\n304\n404\n500\n200\n200\n");
+    let head = curl(&[
+        "-I".into(),
+        "-o".into(),
+        "/dev/null".into(),
+        format!("{base}/"),
+    ])?;
+    assert_eq!(head, "200\n");
+    let file = format!("@{}", upload.display());
+    let chunked = curl(&[
+        "-o".into(),
+        "/dev/null".into(),
+        "-H".into(),
+        "Transfer-Encoding: chunked".into(),
+        "--data-binary".into(),
+        file.clone(),
+        format!("{base}/upload"),
+    ])?;
+    let fixed = curl(&[
+        "-o".into(),
+        "/dev/null".into(),
+        "-H".into(),
+        "Expect: 100-continue".into(),
+        "--data-binary".into(),
+        file,
+        format!("{base}/upload"),
+    ])?;
+    assert_eq!((chunked.as_str(), fixed.as_str()), ("201\n", "201\n"));
+    let close = curl(&[
+        "-o".into(),
+        "/dev/null".into(),
+        "-H".into(),
+        "Connection: close".into(),
+        format!("{base}/status/200"),
+    ])?;
+    assert_eq!(close, "200\n");
+
+    let want = [
+        ("GET", "200", 15 + 2 + 1),
+        ("GET", "204", 1),
+        ("GET", "304", 1),
+        ("GET", "404", 1),
+        ("GET", "500", 1),
+        ("HEAD", "200", 1),
+        ("POST", "201", 2),
+    ];
+    let labels = |m: &'static str, st: &'static str| {
+        vec![
+            ("source_workload", "a"),
+            ("destination_workload", "b"),
+            ("http_request_method", m),
+            ("http_response_status_code", st),
+        ]
+    };
+    let s = scrape_until(
+        &lab,
+        Duration::from_secs(20),
+        "every request counted",
+        |s| {
+            want.iter().all(|(m, st, n)| {
+                ["server", "client"].iter().all(|side| {
+                    let name = format!("http_{side}_request_duration_seconds_count");
+                    sum(s, &name, &labels(m, st)) as u64 == *n
+                })
+            })
+        },
+    )?;
+    let total = |side: &str| {
+        sum(
+            &s,
+            &format!("http_{side}_request_duration_seconds_count"),
+            &[],
+        )
+    };
+    let all: Vec<String> = s
+        .iter()
+        .filter(|x| x.name.ends_with("request_duration_seconds_count"))
+        .map(|x| format!("{} {:?} {}", x.name, x.labels, x.value))
+        .collect();
+    let made: u64 = want.iter().map(|(_, _, n)| n).sum();
+    assert_eq!(
+        total("server") as u64,
+        made,
+        "no request counted twice or under another label: {all:#?}"
+    );
+    assert_eq!(total("client") as u64, made, "{all:#?}");
+    assert_eq!(sum(&s, "meshlane_http_unparsed_total", &[]), 0.0);
+
+    // The server's own account of each delay (printed after each answer).
+    let own: Vec<(String, f64)> =
+        std::iter::from_fn(|| served.recv_timeout(Duration::from_secs(5)).ok())
+            .take(15)
+            .filter_map(|l| {
+                let mut it = l.split_whitespace().skip(1);
+                Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+            })
+            .collect();
+    assert_eq!(own.len(), 15, "the server's lines: {own:?}");
+    let recs = observe(&lab, &["--protocol", "http", "--last", "100"])?;
+    for ms in [10u64, 50, 200] {
+        let path = format!("/delay/{ms}");
+        let by = |reporter: &str| -> Vec<f64> {
+            let mut v: Vec<f64> = recs
+                .iter()
+                .filter(|r| r["path"] == path.as_str() && r["reporter"] == reporter)
+                .map(|r| r["duration_ms"].as_f64().unwrap_or(0.0))
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let (server, client) = (by("destination"), by("source"));
+        assert_eq!((server.len(), client.len()), (5, 5), "{path}: {recs:#?}");
+        let mut truth: Vec<f64> = own
+            .iter()
+            .filter(|(p, _)| *p == path)
+            .map(|(_, t)| *t)
+            .collect();
+        truth.sort_by(f64::total_cmp);
+        let (p50, real) = (server[2], truth[2]);
+        assert!(
+            real >= ms as f64,
+            "{path}: the server says it took {real} ms"
+        );
+        let slack = (real * 0.05).max(1.0);
+        assert!(
+            (p50 - real).abs() <= slack,
+            "{path}: server-side p50 {p50:.2} ms is not within {slack:.2} ms of the server's own \
+             {real:.2} ms ({server:?} vs {truth:?})"
+        );
+        assert!(
+            client[2] >= p50,
+            "{path}: client p50 {} < server p50 {p50}",
+            client[2]
+        );
+    }
+    Ok(())
+}
