@@ -780,7 +780,7 @@ mod tests {
     #[test]
     fn however_the_calls_split_the_streams_the_exchanges_are_the_same() {
         let requests: Vec<u8> = [
-            &GET[..],
+            GET,
             b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde",
             b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
             b"HEAD /h HTTP/1.1\r\n\r\n",

@@ -13,8 +13,13 @@ use crate::{Error, Result, agent::Agent, metrics, server};
 
 /// How often the services file and the CNI queue are checked for changes.
 pub const INPUTS_POLL: Duration = Duration::from_millis(500);
-/// How often flow events are read (the ring holds several seconds of a busy node's events).
+/// How often flow events are read at least (the ring holds several seconds of a busy node's
+/// events).
 pub const EVENTS_POLL: Duration = Duration::from_millis(100);
+/// After the ring signals new events, how long the agent lets more gather before it reads them:
+/// one read (and one checkpoint) per burst instead of one per event. At 150,000 events/s that
+/// is about 3 MB, well inside the default 8 MiB ring.
+pub const EVENTS_COALESCE: Duration = Duration::from_millis(20);
 
 /// Where the running agent listens.
 #[derive(Clone, Debug)]
@@ -46,7 +51,10 @@ async fn read_flow_events(
         if !more {
             tokio::select! {
                 ready = ring.readable() => match ready {
-                    Ok(mut guard) => guard.clear_ready(),
+                    Ok(mut guard) => {
+                        guard.clear_ready();
+                        tokio::time::sleep(EVENTS_COALESCE).await;
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "waiting for flow events; polling instead");
                         tokio::time::sleep(EVENTS_POLL).await;
