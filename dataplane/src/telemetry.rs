@@ -669,6 +669,10 @@ impl Telemetry {
         self.events += 1;
         let Some(open) = self.open.get(&ev.cookie) else {
             // The flow's open event was lost: its role is unknown, so it is not parsed.
+            tracing::debug!(
+                cookie = ev.cookie,
+                "payload of a flow without its open event"
+            );
             return;
         };
         let role = match open.labels.reporter {
@@ -681,6 +685,16 @@ impl Telemetry {
             .or_insert_with(|| (http::Conn::new(role), [0, 0]));
         let len = (ev.len as usize).min(ev.data.len());
         let mut out = Vec::new();
+        tracing::trace!(
+            cookie = ev.cookie,
+            dir = ev.dir,
+            offset = ev.offset,
+            end = ev.end,
+            len,
+            no_buffer = ev.no_buffer,
+            head = %String::from_utf8_lossy(&ev.data[..len.min(24)]),
+            "payload"
+        );
         conn.feed(
             http::Chunk {
                 dir: if ev.dir == 0 {

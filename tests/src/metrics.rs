@@ -102,7 +102,15 @@ pub fn scrape_until(
             let ours: Vec<String> = s
                 .iter()
                 .filter(|x| {
-                    x.name.starts_with("meshlane_tcp") || x.name.starts_with("meshlane_telemetry")
+                    [
+                        "meshlane_tcp",
+                        "meshlane_telemetry",
+                        "meshlane_http",
+                        "http_",
+                    ]
+                    .iter()
+                    .any(|p| x.name.starts_with(p))
+                        && !x.name.ends_with("_bucket")
                 })
                 .map(|x| format!("{} {:?} {}", x.name, x.labels, x.value))
                 .collect();
