@@ -6,7 +6,7 @@
 //! ml-probe checks --listen ADDR --server-netns PATH   (FIONREAD, epoll, poll across two netns)
 //! ml-probe send --to 10.77.0.11:7000 --bytes N [--method M] [--conns C] [--duplex D]
 //!               [--bind ADDR] [--expect-tag T] [--chunk K] [--pace-ms MS]
-//! ml-probe link-emu --a-netns PATH --b-netns PATH --delay-ms MS [--loss-b-to-a PCT]
+//! ml-probe link-emu --a-netns PATH --b-netns PATH --delay-ms MS [--loss-b-to-a PCT] [--stats F]
 //!               (a point-to-point link with delay and loss: tc netem's job, for kernels without
 //!               sch_netem; TUN device `mltun0` in each namespace)
 //! ```
@@ -520,24 +520,31 @@ fn tun_in(netns: &str, name: &str) -> Result<std::fs::File> {
 
 /// One direction of the emulated link: every packet read from `from` is written to `to`
 /// `delay` later (in order), except those dropped at `loss_pct` percent (a fixed-seed
-/// xorshift, so a run is repeatable).
+/// xorshift, so a run is repeatable). `applied` accumulates (packets, total µs from read to
+/// write): the delay as it really was, on a machine that may be busy.
 fn forward(
     mut from: std::fs::File,
     mut to: std::fs::File,
     delay: Duration,
     loss_pct: f64,
     seed: u64,
+    applied: std::sync::Arc<std::sync::Mutex<(u64, u64)>>,
 ) -> std::thread::JoinHandle<Result<()>> {
     use std::io::Read as _;
     let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
     std::thread::spawn(move || -> Result<()> {
-        while let Ok((due, pkt)) = rx.recv() {
+        while let Ok((read_at, pkt)) = rx.recv() {
+            let due = read_at + delay;
             let now = std::time::Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
             }
             // A write refused (the device went down) only loses this packet, as a link would.
             let _lost_like_on_a_link = to.write(&pkt);
+            if let Ok(mut a) = applied.lock() {
+                a.0 += 1;
+                a.1 += read_at.elapsed().as_micros() as u64;
+            }
         }
         Ok(())
     });
@@ -553,7 +560,7 @@ fn forward(
                 continue;
             }
             if tx
-                .send((std::time::Instant::now() + delay, buf[..n].to_vec()))
+                .send((std::time::Instant::now(), buf[..n].to_vec()))
                 .is_err()
             {
                 return Ok(());
@@ -567,10 +574,44 @@ fn link_emu(args: &[String]) -> Result<()> {
     let b = arg(args, "--b-netns").context("--b-netns")?;
     let delay = Duration::from_millis(num(args, "--delay-ms", 0)?);
     let loss: f64 = arg(args, "--loss-b-to-a").unwrap_or("0").parse()?;
+    let stats = arg(args, "--stats").map(std::path::PathBuf::from);
     let ta = tun_in(a, "mltun0")?;
     let tb = tun_in(b, "mltun0")?;
-    let ab = forward(ta.try_clone()?, tb.try_clone()?, delay, 0.0, 1);
-    let ba = forward(tb, ta, delay, loss, 0x9e37_79b9_7f4a_7c15);
+    let applied = [(); 2].map(|_| std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64))));
+    let ab = forward(
+        ta.try_clone()?,
+        tb.try_clone()?,
+        delay,
+        0.0,
+        1,
+        applied[0].clone(),
+    );
+    let ba = forward(
+        tb,
+        ta,
+        delay,
+        loss,
+        0x9e37_79b9_7f4a_7c15,
+        applied[1].clone(),
+    );
+    if let Some(path) = stats {
+        // The mean delay each way as applied, rewritten twice a second: "AB_US BA_US".
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                let mean = |m: &std::sync::Mutex<(u64, u64)>| {
+                    m.lock()
+                        .map(|a| if a.0 == 0 { 0 } else { a.1 / a.0 })
+                        .unwrap_or(0)
+                };
+                let line = format!("{} {}\n", mean(&applied[0]), mean(&applied[1]));
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, line).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+        });
+    }
     println!("ready");
     std::io::stdout().flush()?;
     ab.join().map_err(|_| anyhow::anyhow!("a→b panicked"))??;
