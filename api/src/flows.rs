@@ -229,6 +229,9 @@ pub struct TelemetryStatus {
     pub events_lost: u64,
     /// Observed connections open now (as of the last event read).
     pub open_flows: usize,
+    /// Bytes of events in the ring not read yet: how far behind the agent is.
+    #[serde(default)]
+    pub backlog_bytes: u64,
 }
 
 #[cfg(test)]

@@ -179,7 +179,8 @@ pub const URING_TGIDS: MapSpec =
 pub const FLOWS: MapSpec = MapSpec::new::<u64, Flow>(map_names::FLOWS, Lru, FLOWS_CAPACITY);
 pub const EVENTS: MapSpec =
     MapSpec::new::<(), ()>(map_names::EVENTS, Rb, EVENTS_RING_BYTES).sized(Sizing::EventsRingBytes);
-pub const SYSBUF: MapSpec = MapSpec::new::<u64, SysBuf>(map_names::SYSBUF, H, SPLICING_CAPACITY);
+/// An LRU: a thread that dies inside a syscall never runs its exit tracepoint.
+pub const SYSBUF: MapSpec = MapSpec::new::<u64, SysBuf>(map_names::SYSBUF, Lru, SPLICING_CAPACITY);
 pub const HTTP_NEXT: MapSpec =
     MapSpec::new::<u64, [u64; 2]>(map_names::HTTP_NEXT, Lru, FLOWS_CAPACITY);
 pub const CAPTURE: MapSpec = MapSpec::new::<u32, CaptureConfig>(map_names::CAPTURE, A, 1);

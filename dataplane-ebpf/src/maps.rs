@@ -164,8 +164,9 @@ ml_maps! {
     ML_EVENTS: RingBuf = maps::EVENTS;
 
     /// Threads inside a read/write family syscall → their buffer. Written and deleted by the
-    /// payload capture's syscall tracepoints; read by the length tracepoints.
-    ML_SYSBUF: HashMap<u64, SysBuf> = maps::SYSBUF;
+    /// payload capture's syscall tracepoints; read by the length tracepoints. An LRU: a thread
+    /// killed inside a syscall leaves its entry behind.
+    ML_SYSBUF: LruHashMap<u64, SysBuf> = maps::SYSBUF;
 
     /// Where the agent expects the next HTTP message per socket (cookie) and direction.
     /// Written by the agent; read by the length tracepoints.

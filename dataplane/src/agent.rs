@@ -478,6 +478,7 @@ impl Agent {
                     .find(|(c, _)| *c == dataplane_common::Counter::EventsLost)
                     .map_or(0, |(_, v)| v),
                 open_flows: self.telemetry.open_flows(),
+                backlog_bytes: self.telemetry.backlog(),
             },
         })
     }

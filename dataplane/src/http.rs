@@ -484,15 +484,23 @@ impl Conn {
         }
     }
 
+    /// The stream cannot be followed from here. A stream whose first bytes are not even shaped
+    /// like an HTTP message (another protocol, a TLS handshake, binary) is simply not HTTP:
+    /// it is left alone and counted nowhere. One that is HTTP, or starts like it, counts as
+    /// unparsed.
     fn lose(&mut self, d: usize, out: &mut Vec<Event>) {
+        let requests = self.carries_requests(if d == 0 { Dir::Write } else { Dir::Read });
         let s = &mut self.streams[d];
+        let http_like = s.messages > 0 || starts_message(&s.buf, requests);
         s.buf.clear();
         s.mode = if s.messages == 0 {
             Mode::Off
         } else {
             Mode::Lost
         };
-        out.push(Event::Unparsed);
+        if http_like {
+            out.push(Event::Unparsed);
+        }
     }
 
     /// The connection ended at `at_ns`: a response read until close is complete.
@@ -705,10 +713,11 @@ mod tests {
 
     #[test]
     fn garbage_and_binary_are_not_http_and_never_counted() {
+        // Not shaped like HTTP at all: another protocol, left alone and counted nowhere.
         for junk in [
             &b"\x00\x01\x02\x03binary"[..],
             b"hello world\r\n\r\n",
-            b"GET\r\n\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
         ] {
             let mut w = Wire::new(Role::Server);
             w.call(Dir::Read, junk, 0);
@@ -718,9 +727,29 @@ mod tests {
                 1,
             );
             assert!(w.exchanges().is_empty(), "{junk:?}");
-            assert!(w.unparsed() >= 1, "{junk:?}");
+            assert_eq!(w.unparsed(), 1, "{junk:?}: only the answer to nothing");
             // Off for good: nothing more is copied for the request stream.
             assert_eq!(w.conn.next()[1], u64::MAX);
+        }
+        // Shaped like HTTP but malformed: unparsed, never a request.
+        for bad in [
+            &b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n"[..],
+            b"GET /\x01 HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+        ] {
+            let mut w = Wire::new(Role::Server);
+            w.call(Dir::Read, bad, 0);
+            w.call(
+                Dir::Write,
+                b"HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\n",
+                1,
+            );
+            assert!(w.exchanges().is_empty(), "{bad:?}");
+            assert_eq!(
+                w.unparsed(),
+                2,
+                "{bad:?}: the request, and the answer to nothing"
+            );
         }
     }
 

@@ -137,7 +137,14 @@ impl Ring {
 
     /// Whether the kernel has produced records not yet released.
     pub fn has_records(&self) -> bool {
-        self.producer_pos().load(Ordering::Acquire) > self.position()
+        self.backlog() > 0
+    }
+
+    /// Bytes produced and not yet released.
+    pub fn backlog(&self) -> u64 {
+        self.producer_pos()
+            .load(Ordering::Acquire)
+            .saturating_sub(self.position())
     }
 
     /// Gives the records before `pos` back to the kernel.

@@ -584,6 +584,11 @@ impl Telemetry {
         self.ring.has_records()
     }
 
+    /// Bytes of events waiting in the ring.
+    pub fn backlog(&self) -> u64 {
+        self.ring.backlog()
+    }
+
     fn save(&self, ring_pos: u64) -> Result<()> {
         let c = Checkpoint {
             ring_id: self.ring_id,

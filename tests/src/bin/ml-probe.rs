@@ -601,7 +601,7 @@ fn link_emu(args: &[String]) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(500));
                 let mean = |m: &std::sync::Mutex<(u64, u64)>| {
                     m.lock()
-                        .map(|a| if a.0 == 0 { 0 } else { a.1 / a.0 })
+                        .map(|a| a.1.checked_div(a.0).unwrap_or(0))
                         .unwrap_or(0)
                 };
                 let line = format!("{} {}\n", mean(&applied[0]), mean(&applied[1]));
