@@ -488,10 +488,16 @@ impl Conn {
     /// like an HTTP message (another protocol, a TLS handshake, binary) is simply not HTTP:
     /// it is left alone and counted nowhere. One that is HTTP, or starts like it, counts as
     /// unparsed.
+    ///
+    /// Losing track inside a chunked body (a size line the kernel did not copy, when it was
+    /// told where to copy too late) is not counted: the message was counted when its header
+    /// was; if the next one is missed in turn, that is counted (its response then has no
+    /// request).
     fn lose(&mut self, d: usize, out: &mut Vec<Event>) {
         let requests = self.carries_requests(if d == 0 { Dir::Write } else { Dir::Read });
         let s = &mut self.streams[d];
-        let http_like = s.messages > 0 || starts_message(&s.buf, requests);
+        let at_start = s.mode == Mode::Start;
+        let http_like = at_start && (s.messages > 0 || starts_message(&s.buf, requests));
         s.buf.clear();
         s.mode = if s.messages == 0 {
             Mode::Off

@@ -951,6 +951,9 @@ impl Telemetry {
             }
         }
         for cookie in lost {
+            // Its HTTP state goes too (its close, which would have ended it, never came).
+            self.conns.remove(&cookie);
+            let _gone_is_fine = self.http_next.remove(&cookie);
             if let Some(o) = self.open.remove(&cookie) {
                 let t = self.totals.entry(o.labels).or_default();
                 t.closed += 1;
