@@ -162,6 +162,28 @@ fn assert_exact(s: &[Sample], src: &str, dst: &str, path: &str, up: u64, down: u
     }
 }
 
+/// Accelerated transfers of `sizes` from `src` to `dst` (one connection each), then every series
+/// of the pair exact once they have closed.
+fn transfers_are_counted_exactly(
+    lab: &Lab,
+    src: &Pod,
+    dst: &Pod,
+    port: u16,
+    sizes: &[(u64, u64)],
+) -> Result<()> {
+    let (up, down) = transfers(lab, src, dst, port, sizes)?;
+    let conns = sizes.len() as u64;
+    let (s_name, d_name) = (src.name.as_str(), dst.name.as_str());
+    let s = scrape_until(
+        lab,
+        Duration::from_secs(20),
+        "the connections closed",
+        |s| closed_both(s, s_name, d_name, conns),
+    )?;
+    assert_exact(&s, s_name, d_name, "redirected", up, down, conns);
+    Ok(())
+}
+
 fn closed_both(s: &[Sample], src: &str, dst: &str, conns: u64) -> bool {
     ["source", "destination"]
         .iter()
@@ -523,15 +545,7 @@ fn a_full_ring_counts_its_losses_and_later_counts_are_exact() -> Result<()> {
         lost > 0,
         "100 connections' events into a 128 KiB ring lost none"
     );
-    let (up, down) = transfers(&lab, &g, &h, 7401, &[(5000, 700); 10])?;
-    let s = scrape_until(
-        &lab,
-        Duration::from_secs(20),
-        "the later connections closed",
-        |s| closed_both(s, "g", "h", 10),
-    )?;
-    assert_exact(&s, "g", "h", "redirected", up, down, 10);
-    Ok(())
+    transfers_are_counted_exactly(&lab, &g, &h, 7401, &[(5000, 700); 10])
 }
 
 /// SIGKILL of the agent while 20 connections are transferring, and a new agent: the totals
@@ -732,15 +746,7 @@ fn an_unreadable_checkpoint_is_kept_aside_and_counting_goes_on() -> Result<()> {
         checkpoint.with_extension("telemetry.bad").exists(),
         "the unreadable file was not kept: {detail}"
     );
-    let (up, down) = transfers(&lab, &a, &b, 7701, &[(2000, 20)])?;
-    let s = scrape_until(
-        &lab,
-        Duration::from_secs(20),
-        "the new connection closed",
-        |s| closed_both(s, "a", "b", 1),
-    )?;
-    assert_exact(&s, "a", "b", "redirected", up, down, 1);
-    Ok(())
+    transfers_are_counted_exactly(&lab, &a, &b, 7701, &[(2000, 20)])
 }
 
 /// `oha` (fixed request count, keep-alive, 4,000/s) against nginx, on the fast path and on the
