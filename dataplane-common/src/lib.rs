@@ -69,15 +69,10 @@ pub mod map_names {
     /// Flow open and close events ([`super::FlowEvent`]), a ring buffer: written by sockops,
     /// read by the agent. A full ring drops the event and counts it (`events_lost`).
     pub const EVENTS: &str = "ML_EVENTS";
-    /// Threads inside a read/write family syscall: pid_tgid → [`super::SysBuf`]. Written and
-    /// deleted by the syscall tracepoints; read by the length tracepoints.
-    pub const SYSBUF: &str = "ML_SYSBUF";
     /// Per observed socket (cookie), the stream offsets (write, read) where the agent expects
     /// the next HTTP message: the kernel copies nothing of a call that ends before it (a body),
     /// and starts copying there. `u64::MAX`: not HTTP, copy nothing. Written by the agent.
     pub const HTTP_NEXT: &str = "ML_HTTP_NEXT";
-    /// One [`super::CaptureConfig`]. Written by the agent.
-    pub const CAPTURE: &str = "ML_CAPTURE";
     /// Sockets seen read with a splice: [`super::SockKey`] → 1 (LRU). Written by the reader
     /// guard; the agent resets those still in the fast path (their redirected bytes can never
     /// reach the reader) and removes the entry.
@@ -100,11 +95,6 @@ pub mod program_names {
     /// Telemetry: bytes the applications of enrolled pods write, and the end of their flows.
     pub const SEND_LENGTH: &str = "ml_send_length";
     pub const DESTROY_SOCK: &str = "ml_destroy_sock";
-    /// Payload capture: the buffers of read/write family syscalls (enter) and their end.
-    pub const SYS_BUF: &str = "ml_sys_buf";
-    pub const SYS_IOV: &str = "ml_sys_iov";
-    pub const SYS_MSG: &str = "ml_sys_msg";
-    pub const SYS_DONE: &str = "ml_sys_done";
     pub const URING_SUBMIT: &str = "ml_uring_submit";
     pub const URING_DONE: &str = "ml_uring_done";
     pub const SETSOCKOPT: &str = "ml_setsockopt";
@@ -462,37 +452,14 @@ const _: () = assert!(size_of::<Flow>() == 128);
 /// Bytes of an application read or write copied into a [`DataEvent`] at most.
 pub const DATA_CAPTURE: usize = 1024;
 
-/// Where the payload capture looks: threads in this cgroup subtree (the agent's `--cgroup`),
-/// in the one-entry [`map_names::CAPTURE`] array. Written by the agent at start.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct CaptureConfig {
-    /// The cgroup v2 id (inode number) of the subtree's root.
-    pub cgroup_id: u64,
-    /// Its level (the root of the hierarchy is 0).
-    pub cgroup_level: u32,
-    /// Non-zero: capture is on.
-    pub on: u32,
-}
-const _: () = assert!(size_of::<CaptureConfig>() == 16);
-
-/// The buffer a thread passed to the read or write it is in (its first segment), kept by the
-/// syscall tracepoints for the socket layer's length tracepoint to copy from.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct SysBuf {
-    pub ptr: u64,
-    pub len: u64,
-}
-const _: () = assert!(size_of::<SysBuf>() == 16);
-
 /// The first bytes of one application write (`dir` 0) or read (`dir` 1) on an observed socket,
 /// for the agent's HTTP parser: a record of the [`map_names::EVENTS`] ring with `kind`
 /// [`flow_event::DATA`]. The kernel skips what the agent said is inside a body
-/// ([`map_names::HTTP_NEXT`]).
+/// ([`map_names::HTTP_NEXT`]). Records are as long as their bytes need: `N` is 0, 208 or
+/// [`DATA_CAPTURE`] (the agent reads the header, then `len` bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DataEvent {
+pub struct DataEventOf<const N: usize> {
     pub kind: u32,
     /// 0: the application wrote; 1: it read.
     pub dir: u32,
@@ -506,9 +473,14 @@ pub struct DataEvent {
     pub len: u32,
     /// Non-zero: the call's buffer was not known (not a read/write/send/recv family syscall).
     pub no_buffer: u32,
-    pub data: [u8; DATA_CAPTURE],
+    pub data: [u8; N],
 }
-const _: () = assert!(size_of::<DataEvent>() == 48 + DATA_CAPTURE);
+/// The largest data record.
+pub type DataEvent = DataEventOf<DATA_CAPTURE>;
+/// Bytes of a data record before its data.
+pub const DATA_HEAD: usize = 48;
+const _: () = assert!(size_of::<DataEvent>() == DATA_HEAD + DATA_CAPTURE);
+const _: () = assert!(size_of::<DataEventOf<0>>() == DATA_HEAD);
 
 /// Bits of [`Flow::flags`].
 pub mod flow_flags {
@@ -736,9 +708,6 @@ counters! {
     /// A socket of an enrolled pod closed without its flow entry: the entry was evicted (the
     /// flow map is full of open connections), so its bytes are lost to telemetry.
     FlowEvicted = 57, "flow_evicted";
-    /// A thread's read/write buffer could not be kept (the map is full): its payload is not
-    /// copied for HTTP parsing.
-    SysBufStoreError = 58, "sysbuf_store_error";
 }
 
 /// Size of the counter array; a new reason needs a new index below it.
@@ -781,9 +750,7 @@ mod user {
     unsafe impl aya::Pod for ReaderPod {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for FlowEvent {}
-    unsafe impl aya::Pod for CaptureConfig {}
-    unsafe impl aya::Pod for SysBuf {}
-    unsafe impl aya::Pod for DataEvent {}
+    unsafe impl<const N: usize> aya::Pod for DataEventOf<N> {}
 }
 
 #[cfg(test)]

@@ -12,11 +12,11 @@
 use core::mem::size_of;
 
 use crate::{
-    Addr, BACKENDS_CAPACITY, BackendKey, COUNTER_SLOTS, CaptureConfig, Config, ENDPOINTS_CAPACITY,
+    Addr, BACKENDS_CAPACITY, BackendKey, COUNTER_SLOTS, Config, ENDPOINTS_CAPACITY,
     EVENTS_RING_BYTES, Endpoint, FLOWS_CAPACITY, Flow, NETNS_CAPACITY, NOACCEL_PORTS_CAPACITY,
     NetnsInfo, ORIG_CAPACITY, PortKey, REVNAT_CAPACITY, ReaderPod, RevNatKey, SERVICES_CAPACITY,
     SOCK_STATS_CAPACITY, SOCKHASH_CAPACITY, SPLICED_CAPACITY, SPLICING_CAPACITY, Service,
-    ServiceKey, ServiceStats, Sidecar, SockKey, SockStats, SysBuf, map_names, sock_stats_capacity,
+    ServiceKey, ServiceStats, Sidecar, SockKey, SockStats, map_names, sock_stats_capacity,
 };
 
 /// The kind of a map; the discriminant is the kernel's `enum bpf_map_type` value (what the ELF's
@@ -179,11 +179,8 @@ pub const URING_TGIDS: MapSpec =
 pub const FLOWS: MapSpec = MapSpec::new::<u64, Flow>(map_names::FLOWS, Lru, FLOWS_CAPACITY);
 pub const EVENTS: MapSpec =
     MapSpec::new::<(), ()>(map_names::EVENTS, Rb, EVENTS_RING_BYTES).sized(Sizing::EventsRingBytes);
-/// An LRU: a thread that dies inside a syscall never runs its exit tracepoint.
-pub const SYSBUF: MapSpec = MapSpec::new::<u64, SysBuf>(map_names::SYSBUF, Lru, SPLICING_CAPACITY);
 pub const HTTP_NEXT: MapSpec =
     MapSpec::new::<u64, [u64; 2]>(map_names::HTTP_NEXT, Lru, FLOWS_CAPACITY);
-pub const CAPTURE: MapSpec = MapSpec::new::<u32, CaptureConfig>(map_names::CAPTURE, A, 1);
 pub const SPLICED: MapSpec =
     MapSpec::new::<SockKey, u32>(map_names::SPLICED, Lru, SPLICED_CAPACITY);
 pub const READER_PODS: MapSpec =
@@ -212,9 +209,7 @@ pub const ALL: &[MapSpec] = &[
     SPLICED,
     READER_PODS,
     EVENTS,
-    SYSBUF,
     HTTP_NEXT,
-    CAPTURE,
 ];
 
 /// The row of the map called `name`.
@@ -256,9 +251,7 @@ mod tests {
         map_names::SPLICED,
         map_names::READER_PODS,
         map_names::EVENTS,
-        map_names::SYSBUF,
         map_names::HTTP_NEXT,
-        map_names::CAPTURE,
     ];
 
     #[test]

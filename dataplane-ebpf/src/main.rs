@@ -14,8 +14,8 @@
 //! - `telemetry` (tracepoints `sock_send_length`, `tcp_destroy_sock`; with sockops and
 //!   `sock_recv_length`): per-connection flows with exact bytes by path, RTT and retransmits,
 //!   as open/close events in a ring buffer.
-//! - `payload` (tracepoints on the read/write syscalls; with the length tracepoints): the first
-//!   bytes of application reads and writes where an HTTP message can start, for the agent.
+//! - `payload` (inside the length tracepoints, from the syscall's saved user registers): the
+//!   first bytes of application reads and writes where an HTTP message can start, for the agent.
 //!
 //! These programs must never drop traffic: every error path passes to the stack and counts why.
 #![no_std]

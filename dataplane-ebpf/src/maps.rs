@@ -12,8 +12,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, Map, PerCpuArray, RingBuf, SockHash},
 };
 use dataplane_common::{
-    Addr, BackendKey, CaptureConfig, Config, Endpoint, Flow, NetnsInfo, PortKey, ReaderPod,
-    RevNatKey, Service, ServiceKey, ServiceStats, Sidecar, SockKey, SockStats, SysBuf,
+    Addr, BackendKey, Config, Endpoint, Flow, NetnsInfo, PortKey, ReaderPod, RevNatKey, Service,
+    ServiceKey, ServiceStats, Sidecar, SockKey, SockStats,
     maps::{self, MapSpec},
 };
 
@@ -163,17 +163,9 @@ ml_maps! {
     /// agent. The agent sets its size at load time.
     ML_EVENTS: RingBuf = maps::EVENTS;
 
-    /// Threads inside a read/write family syscall → their buffer. Written and deleted by the
-    /// payload capture's syscall tracepoints; read by the length tracepoints. An LRU: a thread
-    /// killed inside a syscall leaves its entry behind.
-    ML_SYSBUF: LruHashMap<u64, SysBuf> = maps::SYSBUF;
-
     /// Where the agent expects the next HTTP message per socket (cookie) and direction.
     /// Written by the agent; read by the length tracepoints.
     ML_HTTP_NEXT: LruHashMap<u64, [u64; 2]> = maps::HTTP_NEXT;
-
-    /// The payload capture's cgroup subtree. Written by the agent; read by the capture.
-    ML_CAPTURE: Array<CaptureConfig> = maps::CAPTURE;
 }
 
 #[inline(always)]

@@ -82,8 +82,6 @@ pub struct Loaded {
     pub reused_pins: bool,
     /// Whether guarded readers are detected, and how.
     pub reader_guard: ReaderGuard,
-    /// Whether application payload is captured for HTTP telemetry, or why not.
-    pub capture: std::result::Result<(), String>,
 }
 
 /// The reader guard as `meshlane status` shows it.
@@ -165,16 +163,6 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps, TelemetryMaps)> {
     let mut programs = Vec::new();
     // Before sockops creates flows, so their bytes and their end are seen.
     programs.append(&mut attach_telemetry(&mut ebpf, &pins)?);
-    let capture = match attach_payload(&mut ebpf, &options.cgroup) {
-        Ok(mut attached) => {
-            programs.append(&mut attached);
-            Ok(())
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "payload capture (HTTP telemetry) is not active");
-            Err(e.to_string())
-        }
-    };
     for p in CGROUP_PROGRAMS {
         programs.push(attach_cgroup(&mut ebpf, &pins, &options.cgroup, p)?);
     }
@@ -247,7 +235,6 @@ pub fn load(options: LoadOptions) -> Result<(Loaded, Maps, TelemetryMaps)> {
             programs,
             reused_pins,
             reader_guard,
-            capture,
         },
         maps,
         telemetry,
@@ -582,128 +569,6 @@ fn attach_reader_guard(ebpf: &mut Ebpf) -> Result<(Vec<AttachedProgram>, bool)> 
         });
     }
     Ok((out, uring))
-}
-
-/// The payload capture's syscall tracepoints: (program, event); exits first (see
-/// [`GUARD_TRACEPOINTS`]).
-const PAYLOAD_TRACEPOINTS: [(&str, &str); 16] = {
-    use program_names::{SYS_BUF as B, SYS_DONE as D, SYS_IOV as V, SYS_MSG as M};
-    [
-        (D, "sys_exit_read"),
-        (D, "sys_exit_write"),
-        (D, "sys_exit_recvfrom"),
-        (D, "sys_exit_sendto"),
-        (D, "sys_exit_readv"),
-        (D, "sys_exit_writev"),
-        (D, "sys_exit_recvmsg"),
-        (D, "sys_exit_sendmsg"),
-        (B, "sys_enter_read"),
-        (B, "sys_enter_write"),
-        (B, "sys_enter_recvfrom"),
-        (B, "sys_enter_sendto"),
-        (V, "sys_enter_readv"),
-        (V, "sys_enter_writev"),
-        (M, "sys_enter_recvmsg"),
-        (M, "sys_enter_sendmsg"),
-    ]
-};
-
-/// The syscall arguments the enter programs read: the buffer (or iovec array, or message
-/// header) at 24 and, for the plain ones, the length at 32.
-const PAYLOAD_FIELDS: [(&str, &str, usize, usize); 12] = [
-    ("syscalls/sys_enter_read", "char * buf", 24, 8),
-    ("syscalls/sys_enter_read", "size_t count", 32, 8),
-    ("syscalls/sys_enter_write", "const char * buf", 24, 8),
-    ("syscalls/sys_enter_write", "size_t count", 32, 8),
-    ("syscalls/sys_enter_recvfrom", "void * ubuf", 24, 8),
-    ("syscalls/sys_enter_recvfrom", "size_t size", 32, 8),
-    ("syscalls/sys_enter_sendto", "void * buff", 24, 8),
-    ("syscalls/sys_enter_sendto", "size_t len", 32, 8),
-    (
-        "syscalls/sys_enter_readv",
-        "const struct iovec * vec",
-        24,
-        8,
-    ),
-    (
-        "syscalls/sys_enter_writev",
-        "const struct iovec * vec",
-        24,
-        8,
-    ),
-    (
-        "syscalls/sys_enter_recvmsg",
-        "struct user_msghdr * msg",
-        24,
-        8,
-    ),
-    (
-        "syscalls/sys_enter_sendmsg",
-        "struct user_msghdr * msg",
-        24,
-        8,
-    ),
-];
-
-/// Attaches the payload capture (agent-owned perf-event attachments, like the reader guard's:
-/// no payload is captured while no agent runs) and points it at the cgroup subtree.
-fn attach_payload(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Vec<AttachedProgram>> {
-    let tracefs = crate::sys::ensure_tracefs()?;
-    check_fields(&tracefs, PAYLOAD_FIELDS.iter())?;
-    let mut config: aya::maps::Array<&mut MapData, dataplane_common::CaptureConfig> =
-        aya::maps::Array::try_from(ebpf.map_mut(map_names::CAPTURE).ok_or_else(|| {
-            Error::Internal(format!("the ELF has no map {}", map_names::CAPTURE))
-        })?)
-        .map_err(|source| Error::Map {
-            name: map_names::CAPTURE,
-            source,
-        })?;
-    let (cgroup_id, cgroup_level) = crate::sys::cgroup_id_and_level(cgroup)?;
-    config
-        .set(
-            0,
-            dataplane_common::CaptureConfig {
-                cgroup_id,
-                cgroup_level,
-                on: 1,
-            },
-            0,
-        )
-        .map_err(|source| Error::Map {
-            name: map_names::CAPTURE,
-            source,
-        })?;
-    let mut out = Vec::new();
-    for name in [
-        program_names::SYS_DONE,
-        program_names::SYS_BUF,
-        program_names::SYS_IOV,
-        program_names::SYS_MSG,
-    ] {
-        let id = load_named(ebpf, name)?;
-        let prog: &mut aya::programs::TracePoint = program(ebpf, name)?
-            .try_into()
-            .map_err(|source| Error::Program { name, source })?;
-        let events: Vec<&str> = PAYLOAD_TRACEPOINTS
-            .iter()
-            .filter(|(p, _)| *p == name)
-            .map(|(_, e)| *e)
-            .collect();
-        for event in &events {
-            prog.attach("syscalls", event)
-                .map_err(|source| Error::Program { name, source })?;
-        }
-        out.push(AttachedProgram {
-            name: name.into(),
-            id,
-            attach: format!(
-                "tracepoints syscalls/{} (with the agent)",
-                events.join(", ")
-            ),
-            pinned_link: None,
-        });
-    }
-    Ok(out)
 }
 
 /// Fails unless every field is where the programs read it: (event, field as the format file

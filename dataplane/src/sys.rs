@@ -67,25 +67,6 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A cgroup v2 directory's id (its inode number, what `bpf_get_current_ancestor_cgroup_id`
-/// returns) and its level below the hierarchy's root.
-pub fn cgroup_id_and_level(dir: &Path) -> Result<(u64, u32)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let mount = cgroup2_mount()?;
-    let level = dir
-        .strip_prefix(&mount)
-        .map_err(|_| Error::CgroupOutsideMount {
-            path: dir.into(),
-            mount: mount.clone(),
-        })?
-        .components()
-        .count() as u32;
-    let ino = std::fs::metadata(dir)
-        .map_err(|e| Error::io("reading the cgroup's id", dir, e))?
-        .ino();
-    Ok((ino, level))
-}
-
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 const TRACEFS_MAGIC: i64 = 0x7472_6163;

@@ -23,7 +23,8 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use dataplane_common::{
-    DataEvent, Flow, FlowEvent, SockKey, SockStats, flow_event, flow_flags, is_loopback, map_names,
+    DATA_HEAD, DataEventOf, Flow, FlowEvent, SockKey, SockStats, flow_event, flow_flags,
+    is_loopback, map_names,
 };
 use meshlane_api::{
     flows::{FlowEnd, FlowKind, FlowQuery, FlowRecord, Flows, Leg, MAX_RECORDS, Reporter},
@@ -367,12 +368,6 @@ fn workload(pod: Option<&String>) -> (String, String) {
     }
 }
 
-/// One record of the ring.
-enum Record {
-    Flow(FlowEvent),
-    Data(Box<DataEvent>),
-}
-
 pub struct Telemetry {
     ring: Ring,
     /// The ring's map (its fd is what the agent waits on for new events).
@@ -395,6 +390,8 @@ pub struct Telemetry {
     series_dropped: u64,
     flows_lost: u64,
     problem: Option<String>,
+    /// The batch being counted: each record's length (u32) then its bytes, reused.
+    batch: Vec<u8>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -492,6 +489,7 @@ impl Telemetry {
             series_dropped,
             flows_lost,
             problem,
+            batch: Vec::new(),
         })
     }
 
@@ -543,27 +541,34 @@ impl Telemetry {
         // A bounded amount per call: the caller holds the agent's lock, and the API must not
         // wait behind a node that produces events as fast as they are read.
         for _ in 0..DRAIN_BATCHES {
-            let mut batch = Vec::new();
+            // Copied out of the ring first (counting needs `self` whole), into one buffer.
+            let mut batch = std::mem::take(&mut self.batch);
+            batch.clear();
+            let mut records = 0;
             let end = self.ring.read(BATCH, |b| {
-                let kind = crate::ring::record::<u32>(b);
-                if kind == Some(flow_event::DATA) {
-                    if let Some(ev) = crate::ring::record::<DataEvent>(b) {
-                        batch.push(Record::Data(Box::new(ev)));
-                    }
-                } else if let Some(ev) = crate::ring::record::<FlowEvent>(b) {
-                    batch.push(Record::Flow(ev));
-                }
+                batch.extend_from_slice(&(b.len() as u32).to_ne_bytes());
+                batch.extend_from_slice(b);
+                records += 1;
             });
             if end == self.ring.position() {
+                self.batch = batch;
                 return Ok(total);
             }
-            total += batch.len();
-            for ev in &batch {
-                match ev {
-                    Record::Flow(ev) => self.count(ev),
-                    Record::Data(ev) => self.count_data(ev),
+            total += records;
+            let mut rest = &batch[..];
+            while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+                let (b, tail) = tail.split_at(u32::from_ne_bytes(*len) as usize);
+                rest = tail;
+                if crate::ring::record::<u32>(b) == Some(flow_event::DATA) {
+                    if let Some(head) = crate::ring::record::<DataEventOf<0>>(b) {
+                        let data = &b[DATA_HEAD..];
+                        self.count_data(&head, &data[..data.len().min(head.len as usize)]);
+                    }
+                } else if let Some(ev) = crate::ring::record::<FlowEvent>(b) {
+                    self.count(&ev);
                 }
             }
+            self.batch = batch;
             // Counted now: release the batch even if the checkpoint cannot be written (reading
             // it again would count it twice); a restart before the next good checkpoint then
             // loses it, which the error says.
@@ -571,8 +576,7 @@ impl Telemetry {
             self.ring.release(end);
             saved.map_err(|e| {
                 Error::Internal(format!(
-                    "{e}; the last {} flow events are counted but not checkpointed",
-                    batch.len()
+                    "{e}; the last {records} flow events are counted but not checkpointed"
                 ))
             })?;
         }
@@ -670,7 +674,7 @@ impl Telemetry {
 
     /// A payload record: feeds the socket's HTTP parser, counts what it completed, and tells
     /// the kernel where to copy from next when that changed.
-    fn count_data(&mut self, ev: &DataEvent) {
+    fn count_data(&mut self, ev: &DataEventOf<0>, data: &[u8]) {
         self.events += 1;
         let Some(open) = self.open.get(&ev.cookie) else {
             // The flow's open event was lost: its role is unknown, so it is not parsed.
@@ -688,7 +692,7 @@ impl Telemetry {
             .conns
             .entry(ev.cookie)
             .or_insert_with(|| (http::Conn::new(role), [0, 0]));
-        let len = (ev.len as usize).min(ev.data.len());
+        let len = data.len();
         let mut out = Vec::new();
         tracing::trace!(
             cookie = ev.cookie,
@@ -697,7 +701,7 @@ impl Telemetry {
             end = ev.end,
             len,
             no_buffer = ev.no_buffer,
-            head = %String::from_utf8_lossy(&ev.data[..len.min(24)]),
+            head = %String::from_utf8_lossy(&data[..len.min(24)]),
             "payload"
         );
         conn.feed(
@@ -709,7 +713,7 @@ impl Telemetry {
                 },
                 offset: ev.offset,
                 end: ev.end,
-                data: &ev.data[..len],
+                data,
                 at_ns: ev.at_ns,
             },
             &mut out,
