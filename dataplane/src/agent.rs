@@ -271,6 +271,11 @@ impl Agent {
         self.telemetry.pending()
     }
 
+    /// Makes what telemetry counted so far durable (at exit).
+    pub fn checkpoint_telemetry(&mut self) -> Result<()> {
+        self.telemetry.checkpoint()
+    }
+
     /// The flow series as a scrape shows them (closed totals plus open connections now).
     pub fn flow_series(
         &mut self,

@@ -1,7 +1,9 @@
 //! A reader of a BPF ring buffer (`BPF_MAP_TYPE_RINGBUF`) that lets the caller decide when the
-//! consumer position moves: telemetry first makes a batch of events durable (its checkpoint
-//! names the position after them), then releases them, so a killed agent neither loses nor
-//! re-counts a batch. aya's reader releases each record as it is dropped, which cannot give that.
+//! consumer position moves: records are read at a cursor of the reader's own, and given back
+//! to the kernel only when the caller says. Telemetry first makes what it counted durable (its
+//! checkpoint names the cursor), then releases up to there, so a killed agent neither loses nor
+//! re-counts an event. aya's reader releases each record as it is dropped, which cannot give
+//! that.
 //!
 //! The layout is the kernel's (kernel/bpf/ringbuf.c): the consumer page (read-write, at offset
 //! 0), then the producer page and the data pages mapped twice in a row (read-only), so a record
@@ -23,6 +25,8 @@ pub struct Ring {
     producer: NonNull<libc::c_void>,
     page: usize,
     size: u64,
+    /// Where the next read starts: at or after the consumer position.
+    cursor: u64,
 }
 
 // SAFETY: the mappings are owned by this value and only used through `&mut self`.
@@ -67,12 +71,15 @@ impl Ring {
                 return Err(e);
             }
         };
-        Ok(Ring {
+        let mut ring = Ring {
             consumer,
             producer,
             page,
             size: u64::from(size),
-        })
+            cursor: 0,
+        };
+        ring.cursor = ring.position();
+        Ok(ring)
     }
 
     fn consumer_pos(&self) -> &AtomicU64 {
@@ -100,14 +107,19 @@ impl Ring {
             return false;
         }
         self.consumer_pos().store(pos, Ordering::Release);
+        self.cursor = pos;
         true
     }
 
-    /// Calls `f` with each complete record after the consumer position, at most `max`, without
-    /// releasing them; returns the position after the last one read (pass it to
-    /// [`Ring::release`]).
-    pub fn read(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> u64 {
-        let mut cons = self.position();
+    /// Where the next read starts (everything before it was read).
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Calls `f` with each complete record after the cursor, at most `max`, and moves the
+    /// cursor past them without releasing them; returns how many were read.
+    pub fn read(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> usize {
+        let mut cons = self.cursor;
         let prod = self.producer_pos().load(Ordering::Acquire);
         let data = self.producer.as_ptr().cast::<u8>().wrapping_add(self.page);
         let mut n = 0;
@@ -132,24 +144,30 @@ impl Ring {
             }
             cons += (u64::from(len) + HEADER).next_multiple_of(8);
         }
-        cons
+        self.cursor = cons;
+        n
     }
 
-    /// Whether the kernel has produced records not yet released.
+    /// Whether the kernel has produced records not yet read.
     pub fn has_records(&self) -> bool {
         self.backlog() > 0
     }
 
-    /// Bytes produced and not yet released.
+    /// Bytes produced and not yet read.
     pub fn backlog(&self) -> u64 {
         self.producer_pos()
             .load(Ordering::Acquire)
-            .saturating_sub(self.position())
+            .saturating_sub(self.cursor)
     }
 
-    /// Gives the records before `pos` back to the kernel.
-    pub fn release(&mut self, pos: u64) {
-        self.consumer_pos().store(pos, Ordering::Release);
+    /// Bytes read and not yet released (the kernel cannot reuse them yet).
+    pub fn unreleased(&self) -> u64 {
+        self.cursor.saturating_sub(self.position())
+    }
+
+    /// Gives everything read so far back to the kernel.
+    pub fn release(&mut self) {
+        self.consumer_pos().store(self.cursor, Ordering::Release);
     }
 }
 

@@ -147,6 +147,14 @@ async fn serve(agent: Agent, listen: &Listen) -> Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping; programs and maps stay pinned"),
         _ = done_rx.wait_for(|d| *d) => tracing::info!("uninstalled; stopping"),
     }
+    // What was counted since the last checkpoint is kept, so the next agent does not read it
+    // again (after uninstall there is no ring left to checkpoint).
+    if !*done_rx.borrow()
+        && let Ok(mut a) = agent.lock()
+        && let Err(e) = a.checkpoint_telemetry()
+    {
+        tracing::warn!(error = %e, "checkpointing flow telemetry at exit");
+    }
     match std::fs::remove_file(&listen.api_socket) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

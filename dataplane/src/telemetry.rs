@@ -7,10 +7,11 @@
 //!   counts; an open one is counted from its flow entry (read at each scrape), never both: the
 //!   open entry is dropped when its close event is counted, and its last reading is kept until
 //!   then, so no series ever goes down;
-//! - closed totals survive a restart: after each batch of events the totals are written to a
-//!   checkpoint that names the ring position after the batch, and only then is the batch
-//!   released to the kernel; a new agent skips to that position (see [`crate::ring`]). Open
-//!   connections need nothing: their counts live in the pinned flow map.
+//! - closed totals survive a restart: every [`CHECKPOINT_EVERY`] the totals are written to a
+//!   checkpoint that names the ring position they include, and only then are the events before
+//!   it released to the kernel; a new agent skips to that position and counts what follows
+//!   again (see [`crate::ring`]). Open connections need nothing: their counts live in the
+//!   pinned flow map.
 //!
 //! It must never write the kernel's flow map; it only reads it.
 
@@ -18,6 +19,7 @@ use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -84,8 +86,11 @@ pub struct HttpSeries {
 
 /// Label sets kept; past this, new ones are counted under [`Labels::overflow`].
 pub const MAX_SERIES: usize = 10_000;
-/// Events read per batch (one checkpoint per batch).
+/// Events read per batch.
 const BATCH: usize = 4096;
+/// How often the totals are checkpointed (and the ring released up to there) while events
+/// come: a checkpoint is a file write and rename, too dear for every batch.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// Batches one [`Telemetry::drain`] reads at most.
 const DRAIN_BATCHES: usize = 2;
 /// An open connection whose flow left the kernel's map without a close event reaching us (the
@@ -252,7 +257,8 @@ pub struct Series {
 /// An observed connection not yet counted as closed.
 #[derive(Clone, Debug)]
 struct Open {
-    labels: Labels,
+    /// Shared with every count of the flow (cloning it is a reference count, not five strings).
+    labels: Arc<Labels>,
     /// The socket's own key and whether it joined the fast path (for request records).
     key: SockKey,
     accelerated: bool,
@@ -392,6 +398,8 @@ pub struct Telemetry {
     problem: Option<String>,
     /// The batch being counted: each record's length (u32) then its bytes, reused.
     batch: Vec<u8>,
+    /// When the last checkpoint was written.
+    saved_at: Instant,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -490,6 +498,7 @@ impl Telemetry {
             flows_lost,
             problem,
             batch: Vec::new(),
+            saved_at: Instant::now(),
         })
     }
 
@@ -509,7 +518,7 @@ impl Telemetry {
         self.names = Names::of(pods);
     }
 
-    fn labels(&mut self, flow: &Flow) -> Labels {
+    fn labels(&mut self, flow: &Flow) -> Arc<Labels> {
         let own = self.names.own(&flow.key).map(|p| &p.label);
         let remote = self.names.remote(&flow.key).map(|p| &p.label);
         let (reporter, src, dst) = if flow.flags & flow_flags::ACTIVE != 0 {
@@ -526,16 +535,20 @@ impl Telemetry {
             destination_workload,
             destination_namespace,
         };
-        if self.totals.contains_key(&l) || self.totals.len() < MAX_SERIES {
-            l
-        } else {
-            self.series_dropped += 1;
-            Labels::overflow(reporter)
-        }
+        Arc::new(
+            if self.totals.contains_key(&l) || self.totals.len() < MAX_SERIES {
+                l
+            } else {
+                self.series_dropped += 1;
+                Labels::overflow(reporter)
+            },
+        )
     }
 
-    /// Reads every pending event, counts it, makes the totals durable, then releases the
-    /// events to the kernel. Returns how many were read.
+    /// Reads and counts the pending events (a bounded number per call), and at most every
+    /// [`CHECKPOINT_EVERY`] (or when a quarter of the ring is read but held) makes the totals
+    /// durable and only then releases what they include to the kernel. Returns how many
+    /// events were read.
     pub fn drain(&mut self) -> Result<usize> {
         let mut total = 0;
         // A bounded amount per call: the caller holds the agent's lock, and the API must not
@@ -544,16 +557,10 @@ impl Telemetry {
             // Copied out of the ring first (counting needs `self` whole), into one buffer.
             let mut batch = std::mem::take(&mut self.batch);
             batch.clear();
-            let mut records = 0;
-            let end = self.ring.read(BATCH, |b| {
+            let records = self.ring.read(BATCH, |b| {
                 batch.extend_from_slice(&(b.len() as u32).to_ne_bytes());
                 batch.extend_from_slice(b);
-                records += 1;
             });
-            if end == self.ring.position() {
-                self.batch = batch;
-                return Ok(total);
-            }
             total += records;
             let mut rest = &batch[..];
             while let Some((len, tail)) = rest.split_first_chunk::<4>() {
@@ -569,18 +576,34 @@ impl Telemetry {
                 }
             }
             self.batch = batch;
-            // Counted now: release the batch even if the checkpoint cannot be written (reading
-            // it again would count it twice); a restart before the next good checkpoint then
-            // loses it, which the error says.
-            let saved = self.save(end);
-            self.ring.release(end);
-            saved.map_err(|e| {
-                Error::Internal(format!(
-                    "{e}; the last {records} flow events are counted but not checkpointed"
-                ))
-            })?;
+            if records < BATCH {
+                break;
+            }
+        }
+        let held = self.ring.unreleased();
+        if held > 0
+            && (self.saved_at.elapsed() >= CHECKPOINT_EVERY
+                || held > u64::from(self.ring_bytes) / 4)
+        {
+            self.checkpoint()?;
         }
         Ok(total)
+    }
+
+    /// Makes the totals durable with the ring position they include, then releases the ring up
+    /// to there. Released even if the checkpoint cannot be written (reading the events again
+    /// would count them twice); a restart before the next good checkpoint then loses them,
+    /// which the error says.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let (pos, held) = (self.ring.cursor(), self.ring.unreleased());
+        let saved = self.save(pos);
+        self.ring.release();
+        self.saved_at = Instant::now();
+        saved.map_err(|e| {
+            Error::Internal(format!(
+                "{e}; the last {held} bytes of flow events are counted but not checkpointed"
+            ))
+        })
     }
 
     /// Whether events are waiting in the ring.
@@ -588,7 +611,7 @@ impl Telemetry {
         self.ring.has_records()
     }
 
-    /// Bytes of events waiting in the ring.
+    /// Bytes of events in the ring not read yet.
     pub fn backlog(&self) -> u64 {
         self.ring.backlog()
     }
@@ -635,7 +658,7 @@ impl Telemetry {
                         labels
                     }
                 };
-                self.totals.entry(labels).or_default().opened += 1;
+                self.totals_of(&labels).opened += 1;
             }
             flow_event::CLOSE => {
                 let labels = match self.open.get(&flow.cookie) {
@@ -650,7 +673,7 @@ impl Telemetry {
                     let _gone_is_fine = self.http_next.remove(&flow.cookie);
                 }
                 self.open.remove(&flow.cookie);
-                let t = self.totals.entry(labels).or_default();
+                let t = self.totals_of(&labels);
                 t.closed += 1;
                 t.bytes.add(&Bytes::split(
                     flow.sent,
@@ -722,14 +745,12 @@ impl Telemetry {
         // that is not HTTP) or to go back (a lost stream: copy whole calls again). A message
         // that starts where a call starts, the usual case, needs no update: the kernel then
         // copies from the call's start. So at most one map update per body, not per message.
+        // Only this record's direction can have moved: the other one was decided by its own
+        // last record (and a stale value there is harmless, the kernel copies from the later of
+        // it and the call's start).
         let next = conn.next();
-        let mut update = false;
-        for d in 0..2 {
-            if next[d] != given[d] && (next[d] > ev.end || next[d] < given[d]) {
-                update = true;
-            }
-        }
-        if update {
+        let d = (ev.dir & 1) as usize;
+        if next[d] != given[d] && (next[d] > ev.end || next[d] < given[d]) {
             *given = next;
             if let Err(e) = self.http_next.insert(ev.cookie, next, 0) {
                 tracing::debug!(error = %e, "telling the kernel where the next HTTP message is");
@@ -742,9 +763,18 @@ impl Telemetry {
         }
     }
 
+    /// The totals of a label set, created at first use.
+    fn totals_of(&mut self, labels: &Labels) -> &mut Totals {
+        // Looked up first: `entry` needs an owned key, five strings to clone per count.
+        if !self.totals.contains_key(labels) {
+            self.totals.insert(labels.clone(), Totals::default());
+        }
+        self.totals.get_mut(labels).expect("inserted above")
+    }
+
     fn count_http(&mut self, cookie: u64, labels: &Labels, out: Vec<http::Event>) {
         for e in out {
-            let t = self.totals.entry(labels.clone()).or_default();
+            let t = self.totals_of(labels);
             match e {
                 http::Event::Unparsed => t.http_unparsed += 1,
                 http::Event::Exchange(x) => {
@@ -959,7 +989,7 @@ impl Telemetry {
             self.conns.remove(&cookie);
             let _gone_is_fine = self.http_next.remove(&cookie);
             if let Some(o) = self.open.remove(&cookie) {
-                let t = self.totals.entry(o.labels).or_default();
+                let t = self.totals_of(&o.labels);
                 t.closed += 1;
                 t.bytes.add(&o.last);
                 self.flows_lost += 1;
@@ -979,7 +1009,14 @@ impl Telemetry {
             })
             .collect();
         for o in self.open.values() {
-            out.entry(o.labels.clone()).or_default().bytes.add(&o.last);
+            match out.get_mut(&*o.labels) {
+                Some(s) => s.bytes.add(&o.last),
+                None => {
+                    let mut s = Series::default();
+                    s.bytes.add(&o.last);
+                    out.insert((*o.labels).clone(), s);
+                }
+            }
         }
         Ok(out)
     }

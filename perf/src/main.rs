@@ -37,6 +37,7 @@ pub enum Group {
     Pod,
     Mesh,
     Dnat,
+    Telemetry,
 }
 
 #[derive(Debug, Parser)]
@@ -63,12 +64,12 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub rates: Vec<u32>,
     /// Which groups to run: pod (pod ↔ pod), mesh (sidecars and proxyless), dnat (Service
-    /// DNAT).
+    /// DNAT), telemetry (HTTP with telemetry on and off: the agent's CPU per request).
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "pod,mesh,dnat"
+        default_value = "pod,mesh,dnat,telemetry"
     )]
     pub groups: Vec<Group>,
     /// Halt-polling window (ns) of the "halt-polling" placement: on a KVM guest whose idle

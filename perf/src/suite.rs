@@ -2,6 +2,8 @@
 //! repetition, so slow drifts of a shared machine hit every variant alike, and checks from
 //! meshlane's own counters that each meshlane variant really took the path it is named after.
 
+mod tel;
+
 use std::{
     cell::Cell,
     net::IpAddr,
@@ -228,6 +230,9 @@ pub fn run(args: &Args) -> Result<Report> {
     }
     if args.groups.contains(&Group::Dnat) {
         bench.dnat_group()?;
+    }
+    if args.groups.contains(&Group::Telemetry) {
+        bench.telemetry_group()?;
     }
 
     let mut report = std::mem::take(&mut bench.report);
@@ -1051,6 +1056,22 @@ fn targets(r: &Report, args: &Args) -> Vec<Check> {
         "",
         Op::ValueBelow,
         50.0,
+    ));
+    t.push(Check::new(
+        "agent CPU + telemetry eBPF per request at 10,000 HTTP requests/s, accelerated (µs)",
+        "tel.http.cost",
+        ACCEL,
+        "",
+        Op::ValueBelow,
+        2.0,
+    ));
+    t.push(Check::new(
+        "HTTP requests/s at saturation, telemetry on ÷ off (accelerated)",
+        "tel.wrk.rps",
+        ACCEL,
+        ACCEL_NOTEL,
+        Op::AtLeast,
+        0.97,
     ));
     measured_only(r, t)
 }
