@@ -1,7 +1,7 @@
 //! `meshlane-bench`: meshlane against the paths it replaces, measured side by side in one run.
 //!
 //! Builds a lab (pods as network namespaces + cgroups below the lab's own cgroup, the agent
-//! attached there only), then runs three groups, each with its variants interleaved
+//! attached there only), then runs four groups, each with its variants interleaved
 //! (A B C A B C …) for every repetition:
 //!
 //! - **pod ↔ pod**: loopback inside one pod, veth + bridge (not enrolled), accelerated (sk_msg):
@@ -15,6 +15,8 @@
 //!   request (BPF_ENABLE_STATS) and cross-CPU interrupts per request (`/proc/interrupts`);
 //! - **Service DNAT**: new connections/s to a VIP among 1, 1,000 and 5,000 services, kube-proxy
 //!   style iptables rules vs the connect hook.
+//! - **telemetry**: client → nginx, accelerated, telemetry on and off: the agent's CPU and the
+//!   telemetry programs' eBPF time per request at 10,000 requests/s and at saturation (wrk).
 //!
 //! On a KVM guest whose idle vCPUs halt without polling first, the pod and mesh groups also run
 //! a "halt-polling" placement: two CPUs with the guest's halt-polling window at the kernel's
