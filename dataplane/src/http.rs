@@ -97,6 +97,8 @@ struct Stream {
     mode: Mode,
     /// Messages found on this stream so far.
     messages: u64,
+    /// Calls seen while [`Mode::Lost`] on a stream joined midway (see [`Conn::joined`]).
+    searched: u32,
 }
 
 impl Stream {
@@ -107,9 +109,14 @@ impl Stream {
             started_ns: 0,
             mode: Mode::Start,
             messages: 0,
+            searched: 0,
         }
     }
 }
+
+/// Calls a stream joined midway may take to show a message start before it is taken for
+/// something other than HTTP (and no longer copied).
+const JOIN_SEARCH: u32 = 64;
 
 #[derive(Clone, Debug)]
 struct Pending {
@@ -242,6 +249,18 @@ impl Conn {
         }
     }
 
+    /// A connection whose first bytes were moved before this parser existed (it was open
+    /// when the agent started): both streams look for the next call that starts with a
+    /// request or status line, and give up (not HTTP) after [`JOIN_SEARCH`] calls without one.
+    pub fn joined(role: Role) -> Conn {
+        let mut c = Conn::new(role);
+        for s in &mut c.streams {
+            s.mode = Mode::Lost;
+            s.searched = 1;
+        }
+        c
+    }
+
     fn carries_requests(&self, dir: Dir) -> bool {
         matches!(
             (self.role, dir),
@@ -289,8 +308,15 @@ impl Conn {
                         return;
                     };
                     if !starts_message(c.data, requests) {
+                        if s.searched > 0 {
+                            s.searched += 1;
+                            if s.searched > JOIN_SEARCH {
+                                s.mode = Mode::Off;
+                            }
+                        }
                         return;
                     }
+                    s.searched = 0;
                     s.expect = at;
                     s.buf.clear();
                     s.mode = Mode::Start;
@@ -799,6 +825,46 @@ mod tests {
         let x = w.exchanges();
         assert_eq!(x.first(), Some(&("GET".into(), 200, 1)));
         assert_eq!(x.last(), Some(&("GET".into(), 201, 1)));
+    }
+
+    #[test]
+    fn a_connection_joined_midway_is_parsed_from_its_next_message() {
+        // An agent started while this keep-alive connection was open: 500 bytes of each
+        // stream went by before it, and a body was being read.
+        let mut w = Wire::new(Role::Client);
+        w.conn = Conn::joined(Role::Client);
+        w.off = [500, 700];
+        w.call(Dir::Read, &[b'x'; 300], 0);
+        w.call(Dir::Write, GET, 1);
+        w.call(
+            Dir::Read,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+            4,
+        );
+        w.call(Dir::Write, GET, 5);
+        w.call(
+            Dir::Read,
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+            6,
+        );
+        assert_eq!(
+            w.exchanges(),
+            vec![("GET".into(), 200, 3), ("GET".into(), 404, 1)]
+        );
+        assert_eq!(w.unparsed(), 0);
+    }
+
+    #[test]
+    fn a_joined_stream_that_never_starts_a_message_is_given_up() {
+        let mut w = Wire::new(Role::Server);
+        w.conn = Conn::joined(Role::Server);
+        w.off = [10, 10];
+        for i in 0..JOIN_SEARCH as u64 {
+            assert_eq!(w.conn.next()[1], 0, "still copied after {i} calls");
+            w.call(Dir::Read, b"\x16\x03\x01 not http", i);
+        }
+        assert_eq!(w.conn.next()[1], u64::MAX);
+        assert_eq!(w.unparsed(), 0);
     }
 
     /// A fixed-seed xorshift, for splitting streams at random places.

@@ -516,6 +516,35 @@ impl Telemetry {
     /// The enrolled pods changed.
     pub fn set_pods(&mut self, pods: &[Pod]) {
         self.names = Names::of(pods);
+        // Connections open before this agent started are only in the kernel's map: known now
+        // (with their pods' names), their payload records are parsed from their next message.
+        match self.flows.iter().collect::<Result<Vec<(u64, Flow)>, _>>() {
+            Ok(flows) => {
+                for (_, flow) in flows {
+                    if flow.flags & flow_flags::OBSERVED != 0 {
+                        self.adopt(&flow);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the open flows"),
+        }
+    }
+
+    /// Keeps an open flow not seen before (its open event was before this agent, or lost).
+    fn adopt(&mut self, flow: &Flow) {
+        if !self.open.contains_key(&flow.cookie) {
+            let labels = self.labels(flow);
+            self.open.insert(
+                flow.cookie,
+                Open {
+                    labels,
+                    key: flow.key,
+                    accelerated: flow.flags & flow_flags::ACCELERATED != 0,
+                    last: Bytes::default(),
+                    gone_since: None,
+                },
+            );
+        }
     }
 
     fn labels(&mut self, flow: &Flow) -> Arc<Labels> {
@@ -711,10 +740,17 @@ impl Telemetry {
             Reporter::Source => http::Role::Client,
             Reporter::Destination => http::Role::Server,
         };
-        let (conn, given) = self
-            .conns
-            .entry(ev.cookie)
-            .or_insert_with(|| (http::Conn::new(role), [0, 0]));
+        let (conn, given) = self.conns.entry(ev.cookie).or_insert_with(|| {
+            // Bytes moved before this record were never given to a parser (the connection
+            // was open when this agent started, or its first records were lost): look for
+            // the next message start instead of taking this one for the stream's first.
+            let conn = if ev.offset > 0 {
+                http::Conn::joined(role)
+            } else {
+                http::Conn::new(role)
+            };
+            (conn, [0, 0])
+        });
         let len = data.len();
         let mut out = Vec::new();
         tracing::trace!(
@@ -953,19 +989,7 @@ impl Telemetry {
                 flow.received,
                 peer.map_or(0, |s| s.redirected_bytes),
             );
-            if !self.open.contains_key(&flow.cookie) {
-                let labels = self.labels(&flow);
-                self.open.insert(
-                    flow.cookie,
-                    Open {
-                        labels,
-                        key: flow.key,
-                        accelerated: flow.flags & flow_flags::ACCELERATED != 0,
-                        last: Bytes::default(),
-                        gone_since: None,
-                    },
-                );
-            }
+            self.adopt(&flow);
             if let Some(o) = self.open.get_mut(&flow.cookie) {
                 o.last = o.last.max(&now);
                 o.gone_since = None;

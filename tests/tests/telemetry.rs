@@ -1045,3 +1045,99 @@ fn http_statuses_bodies_and_durations_match_what_the_applications_did() -> Resul
     }
     Ok(())
 }
+
+/// Keep-alive connections open across an agent restart (SIGTERM, then a new agent): every
+/// request is counted once, before and after, and the connections' HTTP is parsed again from
+/// their next message (the new agent never saw their first bytes).
+#[test]
+fn keep_alive_connections_are_parsed_again_after_an_agent_restart() -> Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let (mut lab, [a, b, ..]) = two_pairs()?;
+    let www = lab.dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("f"), vec![b'x'; 100])?;
+    let listen = format!("{}:8080", b.ip);
+    let _nginx = meshlane_lab::svc::nginx(&lab, &b, &listen, &www)?;
+    // 8 connections, 50 requests each; a line on stdin; 50 more on the same connections.
+    let client = format!(
+        r#"
+import http.client, sys
+conns = [http.client.HTTPConnection("{ip}", 8080) for _ in range(8)]
+def burst():
+    n = 0
+    for _ in range(50):
+        for c in conns:
+            c.request("GET", "/f")
+            r = c.getresponse()
+            r.read()
+            n += r.status == 200
+    return n
+print(burst(), flush=True)
+sys.stdin.readline()
+print(burst(), flush=True)
+"#,
+        ip = b.ip
+    );
+    let mut py = lab
+        .cmd(&a, "python3")?
+        .args(["-c", &client])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut out = std::io::BufReader::new(py.stdout.take().context("client stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    assert_eq!(
+        line.trim(),
+        "400",
+        "the client's own count before the restart"
+    );
+    // The histogram's name says which side reported it.
+    let want = || {
+        vec![
+            ("source_workload", "a"),
+            ("destination_workload", "b"),
+            ("http_response_status_code", "200"),
+        ]
+    };
+    let counted = |s: &[Sample], n: f64| {
+        sum(s, "http_client_request_duration_seconds_count", &want()) == n
+            && sum(s, "http_server_request_duration_seconds_count", &want()) == n
+    };
+    scrape_until(
+        &lab,
+        Duration::from_secs(20),
+        "400 requests, both sides",
+        |s| counted(s, 400.0),
+    )?;
+    lab.stop_agent()?;
+    lab.restart_agent(&[])?;
+    py.stdin
+        .as_mut()
+        .context("client stdin")?
+        .write_all(b"go\n")?;
+    line.clear();
+    out.read_line(&mut line)?;
+    assert_eq!(
+        line.trim(),
+        "400",
+        "the client's own count after the restart"
+    );
+    assert!(py.wait()?.success());
+    let s = scrape_until(
+        &lab,
+        Duration::from_secs(20),
+        "800 requests, both sides",
+        |s| counted(s, 800.0),
+    )?;
+    assert_eq!(
+        sum(
+            &s,
+            "meshlane_http_unparsed_total",
+            &[("source_workload", "a")]
+        ),
+        0.0,
+        "unparsed places"
+    );
+    Ok(())
+}
