@@ -620,19 +620,21 @@ impl Telemetry {
     }
 
     /// Makes the totals durable with the ring position they include, then releases the ring up
-    /// to there. Released even if the checkpoint cannot be written (reading the events again
-    /// would count them twice); a restart before the next good checkpoint then loses them,
-    /// which the error says.
+    /// to there. A checkpoint that cannot be written releases nothing: this agent never reads
+    /// an event twice (its cursor is ahead), and a successor starting from the last good
+    /// checkpoint counts the held events again; if writing keeps failing, the ring fills and
+    /// the kernel counts what it drops.
     pub fn checkpoint(&mut self) -> Result<()> {
         let (pos, held) = (self.ring.cursor(), self.ring.unreleased());
-        let saved = self.save(pos);
-        self.ring.release();
         self.saved_at = Instant::now();
-        saved.map_err(|e| {
+        self.save(pos).map_err(|e| {
             Error::Internal(format!(
-                "{e}; the last {held} bytes of flow events are counted but not checkpointed"
+                "{e}; {held} bytes of counted flow events stay in the ring until a checkpoint \
+                 can be written"
             ))
-        })
+        })?;
+        self.ring.release();
+        Ok(())
     }
 
     /// Whether events are waiting in the ring.
